@@ -1,0 +1,176 @@
+r"""Few-step distillation objectives built from the core maths: DMD, SC-DMD and consistency distillation.
+
+One generator iteration of DMD / SC-DMD (Self-Forcing backward simulation over mixed step lists):
+
+    (n, sigmas, k) ~ StepLists          n in {8, 4, 2} w.p. {0.4, 0.4, 0.2}; exit index k ~ U{0..n-1}
+    x0 = rollout(G, eps, sigmas, exit=k)            steps < k without gradient, step k with gradient
+    L  = L_DMD(x0) + lambda * L_SC(x_k, sigma_k, v_k)   (SC only for n = 8 and k < 7; lambda = 0.2)
+
+The critic sees a fresh no-grad rollout drawn the same way and fits it by flow matching (``dmd.critic_loss``).
+
+Consistency distillation (the trajectory baseline the paper contrasts with), on a fine grid
+``tau_0 = 1 > ... > tau_N = 0``: from data ``x0``, ``x_{n} = add_noise(x0, eps, tau_n)``, one teacher DDIM step
+to ``x_{n+1}``, and ``L_CD = mean((f(x_n, tau_n) - sg(f^-(x_{n+1}, tau_{n+1})))^2)`` with ``f = x - tau v``
+(the endpoint) and ``f^-`` the EMA student; ``f(x, 0) = x`` holds by construction.
+
+Everything here is shape-agnostic (``[B, 2]`` or ``[B, C, F, H, W]``): the rollout is a callable so the video
+setups can pass a chunk-wise rollout with a KV cache, and networks are ``FlowFn``s closed over their condition.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from salt_ref import dmd, sc_dmd
+from salt_ref.schedule import add_noise, denoising_sigmas, x0_from_flow
+from salt_ref.updates import FlowFn, Rollout, ddim_update, rollout
+
+__all__ = [
+    "as_flow",
+    "StepLists",
+    "RolloutFn",
+    "DMDObjective",
+    "consistency_distillation_loss",
+    "METHODS",
+]
+
+METHODS = ("dmd", "sc-dmd", "cd")
+
+RolloutFn = Callable[..., Rollout]
+"""``rollout_fn(noise, sigmas, *, exit_index, generator, grad_exit) -> Rollout`` for the generator."""
+
+
+def as_flow(model: nn.Module, **condition: Tensor) -> FlowFn:
+    """Wrap a network ``model(x, t, **condition)`` taking ``t = 1000 sigma`` as a ``flow_fn(x, sigma)``."""
+
+    def flow_fn(x: Tensor, sigma: Tensor) -> Tensor:
+        return model(x, sigma * 1000.0, **condition)
+
+    return flow_fn
+
+
+@dataclass
+class StepLists:
+    """Mixed few-step lists and their draw probabilities (raw lists warped by ``shift``).
+
+    ``draw`` returns ``(n_steps, sigmas [n + 1], exit_index)`` with the exit index uniform in ``[0, n)``.
+    """
+
+    steps: tuple[int, ...] = (8, 4, 2)
+    probs: tuple[float, ...] = (0.4, 0.4, 0.2)
+    shift: float = 5.0
+    lists: dict[int, Tensor] = field(init=False)
+
+    def __post_init__(self) -> None:
+        if len(self.steps) != len(self.probs) or abs(sum(self.probs) - 1) > 1e-6:
+            raise ValueError(f"steps {self.steps} and probs {self.probs} must pair up and probs sum to 1")
+        self.lists = {n: denoising_sigmas(n, self.shift) for n in self.steps}
+
+    def draw(self, generator: torch.Generator | None = None) -> tuple[int, Tensor, int]:
+        j = int(torch.multinomial(torch.tensor(self.probs), 1, generator=generator))
+        n = self.steps[j]
+        k = int(torch.randint(n, (1,), generator=generator))
+        return n, self.lists[n], k
+
+
+@dataclass
+class DMDObjective:
+    """DMD (``sc_weight = 0``) or SC-DMD generator and critic losses over backward-simulated rollouts.
+
+    Attributes:
+        rollout_fn: the generator's rollout.
+        noise_fn: ``noise_fn(generator) -> eps [B, ...]`` starting noise for one rollout.
+        real_flow: the teacher with CFG folded in; ``fake_flow``: the critic.
+        step_lists: the mixed lists; ``shift``: DMD's re-noising warp.
+        sc_weight: lambda of the SC term (0 gives plain DMD); ``sc_fine_steps``: lists on which SC is taken.
+        sc_target: ``"live"`` (v2 from the student, as the public code) or ``"ema"`` (from its EMA).
+    """
+
+    rollout_fn: RolloutFn
+    noise_fn: Callable[[torch.Generator | None], Tensor]
+    real_flow: FlowFn
+    fake_flow: FlowFn
+    gen_flow: FlowFn
+    step_lists: StepLists = field(default_factory=StepLists)
+    shift: float = 5.0
+    sc_weight: float = 0.0
+    sc_fine_steps: int = 8
+    sc_target: str = "live"
+
+    def __post_init__(self) -> None:
+        if self.sc_target not in ("live", "ema"):
+            raise ValueError(f"sc_target must be 'live' or 'ema', got {self.sc_target!r}")
+
+    def generator_loss(
+        self, generator: torch.Generator | None = None, ema_flow: FlowFn | None = None
+    ) -> tuple[Tensor, dict[str, float]]:
+        n, sigmas, k = self.step_lists.draw(generator)
+        ro = self.rollout_fn(self.noise_fn(generator), sigmas, exit_index=k, generator=generator)
+        out = dmd.dmd_generator_loss(ro.x0, self.real_flow, self.fake_flow, shift=self.shift, generator=generator)
+        loss, logs = out.loss, {"loss_dmd": out.loss.item(), "n_steps": n, "exit": k}
+        if self.sc_weight > 0 and n == self.sc_fine_steps:
+            points = sc_dmd.sc_points(sigmas, k, generator=generator)
+            if points is not None:
+                sigma_e, sigma_m = points
+                target = self.gen_flow if self.sc_target == "live" or ema_flow is None else ema_flow
+                l_sc = sc_dmd.sc_loss(ro.x_exit, ro.sigma_exit, ro.v_exit, target, sigma_m, sigma_e)
+                loss = loss + self.sc_weight * l_sc
+                logs["loss_sc"] = l_sc.item()
+        logs["loss_gen"] = loss.item()
+        return loss, logs
+
+    def critic_loss(self, generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, float]]:
+        _, sigmas, k = self.step_lists.draw(generator)
+        with torch.no_grad():
+            x0 = self.rollout_fn(
+                self.noise_fn(generator), sigmas, exit_index=k, generator=generator, grad_exit=False
+            ).x0
+        loss = dmd.critic_loss(self.fake_flow, x0, shift=self.shift, generator=generator)
+        return loss, {"loss_critic": loss.item()}
+
+
+def default_rollout(gen_flow: FlowFn, mode: str = "renoise") -> RolloutFn:
+    """The plain (non-chunked) rollout of ``gen_flow`` as a ``RolloutFn``."""
+
+    def rollout_fn(
+        noise: Tensor,
+        sigmas: Tensor,
+        *,
+        exit_index: int | None = None,
+        generator: torch.Generator | None = None,
+        grad_exit: bool = True,
+    ) -> Rollout:
+        return rollout(
+            gen_flow, noise, sigmas, mode=mode, generator=generator, exit_index=exit_index, grad_exit=grad_exit
+        )
+
+    return rollout_fn
+
+
+def consistency_distillation_loss(
+    student_flow: FlowFn,
+    target_flow: FlowFn,
+    teacher_flow: FlowFn,
+    x0: Tensor,
+    grid: Tensor,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Trajectory consistency distillation on adjacent points of ``grid [N + 1]`` (decreasing, ends at 0).
+
+    Per sample a grid index n is drawn; ``x_n`` is data noised to ``tau_n``; the teacher takes one DDIM step to
+    ``tau_{n+1}``; the student's endpoint at ``x_n`` is pulled to the target network's endpoint at ``x_{n+1}``.
+    """
+    batch = x0.shape[0]
+    idx = torch.randint(grid.numel() - 1, (batch,), generator=generator)
+    tau_n, tau_next = grid[idx].to(x0), grid[idx + 1].to(x0)
+    eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+    x_n = add_noise(x0, eps, tau_n)
+    with torch.no_grad():
+        x_next = ddim_update(x_n, tau_n, tau_next, teacher_flow(x_n, tau_n))
+        target = x0_from_flow(x_next, tau_next, target_flow(x_next, tau_next))
+    pred = x0_from_flow(x_n, tau_n, student_flow(x_n, tau_n))
+    return (pred - target).pow(2).mean()

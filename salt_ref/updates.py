@@ -1,0 +1,162 @@
+r"""Denoising updates ``x_t -> x_s`` (``s < t``) and the rollouts that compose them.
+
+A generator ``G`` predicts the flow ``v = G(x_t, t)``; its endpoint is ``x0_hat = x_t - t * v``
+(``t`` is the noise level sigma here). Two updates take the state to a lower level ``s``:
+
+    re-noise (stochastic, DMD / consistency sampler):  x_s = (1 - s) * x0_hat + s * eps'      (fresh eps')
+    DDIM / Euler (deterministic ODE step):              eps_hat = (x_t - (1 - t) * x0_hat) / t
+                                                        x_s = (1 - s) * x0_hat + s * eps_hat = x_t - (t - s) * v
+
+The second form of DDIM is exact algebra (and defined at ``t = 0``), so ``update(t -> t)`` is the identity,
+and re-noising at ``s = 0`` returns the endpoint ``x0_hat``.
+
+A rollout composes K updates along ``sigmas = [s_0 > s_1 > ... > s_K]`` and keeps every visited state and
+endpoint. With ``exit_index = k`` it is the Self-Forcing *backward simulation*: steps ``0..k-1`` run without
+gradient, step ``k`` is evaluated with gradient and the rollout stops there, returning ``x0_hat_k``.
+
+Every sampler here has the k-diffusion signature ``(flow_fn, x, sigmas, ...)``, where
+``flow_fn(x [B, ...], sigma [B]) -> v [B, ...]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from salt_ref.schedule import append_dims, x0_from_flow
+
+__all__ = ["FlowFn", "renoise_update", "ddim_update", "update", "Rollout", "rollout", "sample"]
+
+FlowFn = Callable[[Tensor, Tensor], Tensor]
+"""``flow_fn(x [B, ...], sigma [B]) -> v [B, ...]``: a network closed over its condition."""
+
+MODES = ("renoise", "ddim")
+
+
+def renoise_update(x0_hat: Tensor, sigma_s: Tensor | float, noise: Tensor) -> Tensor:
+    """Stochastic update ``x_s = (1 - s) x0_hat + s eps'``; ``noise`` is the fresh ``eps'``."""
+    s = append_dims(sigma_s, x0_hat)
+    return (1 - s) * x0_hat + s * noise
+
+
+def ddim_update(x_t: Tensor, sigma_t: Tensor | float, sigma_s: Tensor | float, v: Tensor) -> Tensor:
+    """Deterministic DDIM update ``x_s = x_t - (t - s) v`` (equal to re-noising with ``eps_hat``)."""
+    return x_t - (append_dims(sigma_t, x_t) - append_dims(sigma_s, x_t)) * v
+
+
+def update(
+    x_t: Tensor,
+    sigma_t: Tensor | float,
+    sigma_s: Tensor | float,
+    v: Tensor,
+    *,
+    mode: str = "ddim",
+    noise: Tensor | None = None,
+) -> Tensor:
+    """One update ``x_t -> x_s`` given the flow ``v`` at ``(x_t, t)``; ``mode`` is ``ddim`` or ``renoise``."""
+    if mode == "ddim":
+        return ddim_update(x_t, sigma_t, sigma_s, v)
+    if mode == "renoise":
+        if noise is None:
+            raise ValueError("mode='renoise' needs a fresh noise tensor")
+        return renoise_update(x0_from_flow(x_t, sigma_t, v), sigma_s, noise)
+    raise ValueError(f"unknown update mode {mode!r}; choose one of {MODES}")
+
+
+@dataclass
+class Rollout:
+    """What a rollout visited.
+
+    Attributes:
+        states: ``states[k]`` is the state at ``sigmas[k]``, each ``[B, ...]``.
+        x0s: ``x0s[k]`` is the endpoint predicted at ``states[k]``.
+        sigmas: the step list that was followed, ``[K + 1]``.
+        exit_index: index of the last evaluated step (``K - 1`` for a full rollout).
+        v_exit: the flow at the exit step (carries gradient when the exit step did).
+    """
+
+    states: list[Tensor]
+    x0s: list[Tensor]
+    sigmas: Tensor
+    exit_index: int
+    v_exit: Tensor
+
+    @property
+    def x0(self) -> Tensor:
+        """The output: the endpoint predicted at the exit step ``[B, ...]``."""
+        return self.x0s[self.exit_index]
+
+    @property
+    def x_exit(self) -> Tensor:
+        """The state the exit step was evaluated at ``[B, ...]``."""
+        return self.states[self.exit_index]
+
+    @property
+    def sigma_exit(self) -> float:
+        return float(self.sigmas[self.exit_index])
+
+
+def _check_sigmas(sigmas: Tensor) -> None:
+    if sigmas.ndim != 1 or sigmas.numel() < 2:
+        raise ValueError(f"sigmas must be a 1-d list of at least 2 levels, got shape {tuple(sigmas.shape)}")
+    if bool((sigmas[1:] > sigmas[:-1]).any()):
+        raise ValueError(f"sigmas must be non-increasing, got {sigmas.tolist()}")
+
+
+def rollout(
+    flow_fn: FlowFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    mode: str = "renoise",
+    generator: torch.Generator | None = None,
+    exit_index: int | None = None,
+    grad_exit: bool = True,
+) -> Rollout:
+    """Compose updates from ``x [B, ...]`` at ``sigmas[0]`` along ``sigmas [K + 1]``.
+
+    Args:
+        flow_fn: the generator, ``(x, sigma [B]) -> v``.
+        x: the starting state at level ``sigmas[0]`` (pure noise when ``sigmas[0] == 1``).
+        sigmas: decreasing levels; the last is the level the final update lands on (usually 0).
+        mode: ``"renoise"`` (fresh noise drawn from ``generator``) or ``"ddim"``.
+        exit_index: stop after evaluating step ``k`` (backward simulation); ``None`` runs all K steps.
+        grad_exit: evaluate the exit step with gradient (earlier steps never carry gradient).
+    """
+    _check_sigmas(sigmas)
+    n_steps = sigmas.numel() - 1
+    k_exit = n_steps - 1 if exit_index is None else exit_index
+    if not 0 <= k_exit < n_steps:
+        raise ValueError(f"exit_index must be in [0, {n_steps}), got {exit_index}")
+    if mode not in MODES:
+        raise ValueError(f"unknown update mode {mode!r}; choose one of {MODES}")
+    batch = x.shape[0]
+    states, x0s = [], []
+    for k in range(k_exit + 1):
+        sigma_t = sigmas[k].to(x).expand(batch)
+        with torch.set_grad_enabled(grad_exit and k == k_exit and torch.is_grad_enabled()):
+            v = flow_fn(x, sigma_t)
+            x0_hat = x0_from_flow(x, sigma_t, v)
+        states.append(x)
+        x0s.append(x0_hat)
+        if k == k_exit:
+            return Rollout(states, x0s, sigmas, k_exit, v)
+        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device) if mode == "renoise" else None
+        x = update(x, sigma_t, sigmas[k + 1].to(x), v, mode=mode, noise=noise).detach()
+    raise AssertionError("unreachable")
+
+
+@torch.no_grad()
+def sample(
+    flow_fn: FlowFn,
+    noise: Tensor,
+    sigmas: Tensor,
+    *,
+    mode: str = "renoise",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Generate ``[B, ...]`` from ``noise`` by a full rollout; returns the last endpoint ``x0_hat``."""
+    return rollout(flow_fn, noise, sigmas, mode=mode, generator=generator, grad_exit=False).x0
