@@ -1,4 +1,4 @@
-r"""Few-step distillation objectives built from the core maths: DMD, SC-DMD and consistency distillation.
+r"""Few-step distillation objectives built from the core maths: DMD, SC-DMD, Salt, consistency distillation.
 
 One generator iteration of DMD / SC-DMD (Self-Forcing backward simulation over mixed step lists):
 
@@ -7,6 +7,10 @@ One generator iteration of DMD / SC-DMD (Self-Forcing backward simulation over m
     L  = L_DMD(x0) + lambda * L_SC(x_k, sigma_k, v_k)   (SC only for n = 8 and k < 7; lambda = 0.2)
 
 The critic sees a fresh no-grad rollout drawn the same way and fits it by flow matching (``dmd.critic_loss``).
+Salt adds, on 2-step draws exiting at step 1 (after a start iteration), ``0.1 * L_align(x0, x0_ref)`` where the
+chunk-wise rollout also ran its high-quality reference path (``salt_ref.cache_condition``,
+``salt_ref.feature_align``). The SC target is built at the exit step through the rollout's ``on_exit`` hook so
+that a chunk-wise rollout evaluates ``v2`` with that chunk's KV cache.
 
 Consistency distillation (the trajectory baseline the paper contrasts with), on a fine grid
 ``tau_0 = 1 > ... > tau_N = 0``: from data ``x0``, ``x_{n} = add_noise(x0, eps, tau_n)``, one teacher DDIM step
@@ -25,13 +29,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from salt_ref import dmd, sc_dmd
-from salt_ref.schedule import add_noise, denoising_sigmas, x0_from_flow
-from salt_ref.updates import FlowFn, Rollout, ddim_update, rollout
+from salt_ref import dmd, feature_align, sc_dmd
+from salt_ref.schedule import add_noise, denoising_sigmas, randn_like, x0_from_flow
+from salt_ref.updates import FlowFn, OnExit, Rollout, ddim_update, rollout
 
 __all__ = [
     "as_flow",
     "StepLists",
+    "AlignConfig",
     "RolloutFn",
     "DMDObjective",
     "consistency_distillation_loss",
@@ -78,57 +83,93 @@ class StepLists:
 
 
 @dataclass
+class AlignConfig:
+    """Cache-aware feature alignment: on 2-step draws exiting at step 1, from iteration ``start``."""
+
+    weight: float = 0.1
+    start: int = 1000
+    margin: float = 0.1
+    steps: int = 2
+    exit_index: int = 1
+    reference_steps: int = 4
+
+
+@dataclass
 class DMDObjective:
-    """DMD (``sc_weight = 0``) or SC-DMD generator and critic losses over backward-simulated rollouts.
+    """DMD (``sc_weight = 0``), SC-DMD, or Salt (plus ``align``) generator and critic losses.
 
     Attributes:
-        rollout_fn: the generator's rollout.
+        rollout_fn: the generator's rollout (``rollout_fn(noise, sigmas, *, exit_index, generator, grad_exit,
+            on_exit, reference_sigmas)``).
         noise_fn: ``noise_fn(generator) -> eps [B, ...]`` starting noise for one rollout.
         real_flow: the teacher with CFG folded in; ``fake_flow``: the critic.
         step_lists: the mixed lists; ``shift``: DMD's re-noising warp.
         sc_weight: lambda of the SC term (0 gives plain DMD); ``sc_fine_steps``: lists on which SC is taken.
         sc_target: ``"live"`` (v2 from the student, as the public code) or ``"ema"`` (from its EMA).
+        align, feature_fn, frames: cache-aware alignment (Salt): ``feature_fn(x, sigma)`` taps the frozen
+            teacher's hidden states of videos with ``frames`` latent frames (see ``salt_ref.feature_align``).
     """
 
     rollout_fn: RolloutFn
     noise_fn: Callable[[torch.Generator | None], Tensor]
     real_flow: FlowFn
     fake_flow: FlowFn
-    gen_flow: FlowFn
     step_lists: StepLists = field(default_factory=StepLists)
     shift: float = 5.0
     sc_weight: float = 0.0
     sc_fine_steps: int = 8
     sc_target: str = "live"
+    align: AlignConfig | None = None
+    feature_fn: Callable[[Tensor, Tensor], Tensor] | None = None
+    frames: int = 1
 
     def __post_init__(self) -> None:
         if self.sc_target not in ("live", "ema"):
             raise ValueError(f"sc_target must be 'live' or 'ema', got {self.sc_target!r}")
+        if self.align is not None and self.feature_fn is None:
+            raise ValueError("cache-aware alignment needs a feature_fn (the frozen teacher's hidden states)")
 
     def generator_loss(
-        self, generator: torch.Generator | None = None, ema_flow: FlowFn | None = None
+        self, generator: torch.Generator | None = None, ema_flow: FlowFn | None = None, it: int = 0
     ) -> tuple[Tensor, dict[str, float]]:
         n, sigmas, k = self.step_lists.draw(generator)
-        ro = self.rollout_fn(self.noise_fn(generator), sigmas, exit_index=k, generator=generator)
-        out = dmd.dmd_generator_loss(ro.x0, self.real_flow, self.fake_flow, shift=self.shift, generator=generator)
-        loss, logs = out.loss, {"loss_dmd": out.loss.item(), "n_steps": n, "exit": k}
+        on_exit, sigma_e = None, 0.0
         if self.sc_weight > 0 and n == self.sc_fine_steps:
             points = sc_dmd.sc_points(sigmas, k, generator=generator)
             if points is not None:
                 sigma_e, sigma_m = points
-                target = self.gen_flow if self.sc_target == "live" or ema_flow is None else ema_flow
-                l_sc = sc_dmd.sc_loss(ro.x_exit, ro.sigma_exit, ro.v_exit, target, sigma_m, sigma_e)
-                loss = loss + self.sc_weight * l_sc
-                logs["loss_sc"] = l_sc.item()
+                use_ema = self.sc_target == "ema" and ema_flow is not None
+
+                def on_exit(flow: FlowFn, x: Tensor, sigma: Tensor, v: Tensor) -> Tensor:
+                    return sc_dmd.sc_target(ema_flow if use_ema else flow, x, sigma, v, sigma_m, sigma_e)
+
+        align = (
+            self.align is not None and it >= self.align.start and (n, k) == (self.align.steps, self.align.exit_index)
+        )
+        extra = {"reference_sigmas": self.step_lists.lists[self.align.reference_steps]} if align else {}
+        ro = self.rollout_fn(
+            self.noise_fn(generator), sigmas, exit_index=k, generator=generator, on_exit=on_exit, **extra
+        )
+        out = dmd.dmd_generator_loss(ro.x0, self.real_flow, self.fake_flow, shift=self.shift, generator=generator)
+        loss, logs = out.loss, {"loss_dmd": out.loss.item(), "n_steps": n, "exit": k}
+        if ro.exit_extra is not None:
+            l_sc = sc_dmd.sc_loss_from_target(ro.x_exit, ro.sigma_exit, ro.v_exit, ro.exit_extra, sigma_e)
+            loss = loss + self.sc_weight * l_sc
+            logs["loss_sc"] = l_sc.item()
+        if align:
+            l_align = feature_align.alignment_loss(
+                self.feature_fn, ro.x0, ro.x0_ref, frames=self.frames, margin=self.align.margin, generator=generator
+            )
+            loss = loss + self.align.weight * l_align
+            logs["loss_align"] = l_align.item()
         logs["loss_gen"] = loss.item()
         return loss, logs
 
     def critic_loss(self, generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, float]]:
         _, sigmas, k = self.step_lists.draw(generator)
         with torch.no_grad():
-            x0 = self.rollout_fn(
-                self.noise_fn(generator), sigmas, exit_index=k, generator=generator, grad_exit=False
-            ).x0
+            noise = self.noise_fn(generator)
+            x0 = self.rollout_fn(noise, sigmas, exit_index=k, generator=generator, grad_exit=False).x0
         loss = dmd.critic_loss(self.fake_flow, x0, shift=self.shift, generator=generator)
         return loss, {"loss_critic": loss.item()}
 
@@ -143,9 +184,17 @@ def default_rollout(gen_flow: FlowFn, mode: str = "renoise") -> RolloutFn:
         exit_index: int | None = None,
         generator: torch.Generator | None = None,
         grad_exit: bool = True,
+        on_exit: OnExit | None = None,
     ) -> Rollout:
         return rollout(
-            gen_flow, noise, sigmas, mode=mode, generator=generator, exit_index=exit_index, grad_exit=grad_exit
+            gen_flow,
+            noise,
+            sigmas,
+            mode=mode,
+            generator=generator,
+            exit_index=exit_index,
+            grad_exit=grad_exit,
+            on_exit=on_exit,
         )
 
     return rollout_fn
@@ -167,7 +216,7 @@ def consistency_distillation_loss(
     batch = x0.shape[0]
     idx = torch.randint(grid.numel() - 1, (batch,), generator=generator)
     tau_n, tau_next = grid[idx].to(x0), grid[idx + 1].to(x0)
-    eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+    eps = randn_like(x0, generator)
     x_n = add_noise(x0, eps, tau_n)
     with torch.no_grad():
         x_next = ddim_update(x_n, tau_n, tau_next, teacher_flow(x_n, tau_n))

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from salt_ref.schedule import add_noise, sample_sigmas, x0_from_flow
+from salt_ref.schedule import add_noise, randn_like, sample_sigmas, x0_from_flow
 from salt_ref.updates import FlowFn
 
 __all__ = [
@@ -75,8 +75,10 @@ def dmd_direction(x0: Tensor, x0_real: Tensor, x0_fake: Tensor, eps: float = 1e-
 
     The normaliser is floored at ``eps`` so a generator that already equals the teacher gives a finite ``g``.
     """
-    reduce_dims = tuple(range(1, x0.ndim))
-    normaliser = (x0 - x0_real).abs().mean(dim=reduce_dims, keepdim=True).clamp_min(eps)
+    # a 1-d batch [B] has no per-sample dims: mean over () would reduce over everything in torch
+    diff = (x0 - x0_real).abs()
+    normaliser = diff if x0.ndim == 1 else diff.mean(dim=tuple(range(1, x0.ndim)), keepdim=True)
+    normaliser = normaliser.clamp_min(eps)
     return torch.nan_to_num((x0_fake - x0_real) / normaliser)
 
 
@@ -122,7 +124,7 @@ def dmd_generator_loss(
         sigma = sample_dmd_sigmas(batch, shift=shift, generator=generator, device=x0.device)
     sigma = sigma.to(x0)
     if noise is None:
-        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+        noise = randn_like(x0, generator)
     with torch.no_grad():
         x_sigma = add_noise(x0.detach(), noise, sigma)
         x0_real = x0_from_flow(x_sigma, sigma, real_flow(x_sigma, sigma))
@@ -148,6 +150,6 @@ def critic_loss(
         sigma = sample_dmd_sigmas(x0.shape[0], shift=shift, generator=generator, device=x0.device)
     sigma = sigma.to(x0)
     if noise is None:
-        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+        noise = randn_like(x0, generator)
     x_sigma = add_noise(x0, noise, sigma)
     return (fake_flow(x_sigma, sigma) - (noise - x0)).pow(2).mean()

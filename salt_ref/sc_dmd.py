@@ -27,7 +27,7 @@ from torch import Tensor
 from salt_ref.schedule import append_dims
 from salt_ref.updates import FlowFn
 
-__all__ = ["SC_LAMBDA", "coarse_boundaries", "sc_points", "sc_target", "sc_loss"]
+__all__ = ["SC_LAMBDA", "coarse_boundaries", "sc_points", "sc_target", "sc_loss", "sc_loss_from_target"]
 
 SC_LAMBDA = 0.2
 
@@ -103,8 +103,15 @@ def sc_loss(
     if not bool((s > sigma_m).all()) or not sigma_m > sigma_e >= 0:
         raise ValueError(f"need sigma_s > sigma_m > sigma_e >= 0, got {sigma_s}, {sigma_m}, {sigma_e}")
     x_s = x_s.detach()
-    target = sc_target(target_flow, x_s, sigma_s, v1, sigma_m, sigma_e)
+    return sc_loss_from_target(x_s, sigma_s, v1, sc_target(target_flow, x_s, sigma_s, v1, sigma_m, sigma_e), sigma_e)
+
+
+def sc_loss_from_target(x_s: Tensor, sigma_s: Tensor | float, v1: Tensor, target: Tensor, sigma_e: float) -> Tensor:
+    """``L_SC`` given the two-jump ``target`` already built by :func:`sc_target` (chunk-wise rollouts build it
+    at each chunk's exit step, while that chunk's KV cache is current)."""
+    s = append_dims(sigma_s, x_s)
+    x_s = x_s.detach()
     pred = x_s - (s - sigma_e) * v1
-    per_sample = (pred - target).pow(2).flatten(1).mean(dim=1)
+    per_sample = (pred - target).pow(2).reshape(x_s.shape[0], -1).mean(dim=1)
     weight = (1 - torch.as_tensor(sigma_s, dtype=x_s.dtype, device=x_s.device)).expand(x_s.shape[0])
     return (weight * per_sample).mean()

@@ -37,6 +37,7 @@ __all__ = [
     "eps_from_x0",
     "sample_sigmas",
     "denoising_sigmas",
+    "randn_like",
 ]
 
 T_SCALE = 1000.0  # network timestep per unit of sigma
@@ -81,7 +82,8 @@ def warp(sigma: Tensor | float, shift: float) -> Tensor:
     sigma = torch.as_tensor(sigma)
     if not torch.is_floating_point(sigma):
         sigma = sigma.double()
-    return shift * sigma / (1 + (shift - 1) * sigma)
+    # clamp: 1 + (s - 1) is not always exactly s in floating point, and warp must keep [0, 1]
+    return (shift * sigma / (1 + (shift - 1) * sigma)).clamp(0.0, 1.0)
 
 
 def add_noise(x0: Tensor, eps: Tensor, sigma: Tensor | float) -> Tensor:
@@ -140,13 +142,14 @@ def sample_sigmas(
     """
     if not 0.0 <= sigma_min <= sigma_max <= 1.0:
         raise ValueError(f"need 0 <= sigma_min <= sigma_max <= 1, got {sigma_min}, {sigma_max}")
+    gen_device = generator.device if generator is not None else device
     if kind == "uniform":
-        u = torch.rand(n, generator=generator, device=device)
+        u = torch.rand(n, generator=generator, device=gen_device)
     elif kind == "logit_normal":
-        u = torch.sigmoid(torch.randn(n, generator=generator, device=device))
+        u = torch.sigmoid(torch.randn(n, generator=generator, device=gen_device))
     else:
         raise ValueError(f"unknown sigma distribution {kind!r}; choose 'uniform' or 'logit_normal'")
-    return warp(u, shift).clamp(sigma_min, sigma_max)
+    return warp(u, shift).clamp(sigma_min, sigma_max).to(device)
 
 
 def denoising_sigmas(n_steps: int, shift: float = 1.0, *, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -158,3 +161,13 @@ def denoising_sigmas(n_steps: int, shift: float = 1.0, *, dtype: torch.dtype = t
         raise ValueError(f"n_steps must be >= 1, got {n_steps}")
     raw = 1.0 - torch.arange(n_steps, dtype=torch.float64) / n_steps
     return torch.cat([warp(raw, shift), torch.zeros(1, dtype=torch.float64)]).to(dtype)
+
+
+def randn_like(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Standard normal noise shaped like ``x``, drawn on the generator's device and moved to ``x``'s.
+
+    One CPU generator can then drive a run on any device, and its state (saved in checkpoints) decides
+    every draw.
+    """
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=device).to(x.device)

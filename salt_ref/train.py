@@ -18,7 +18,7 @@ __all__ = ["main", "build_parser"]
 
 # Toy optimisation defaults: the recipe's ratios (5 critic updates, EMA 0.99, clip 10, betas (0, 0.999))
 # at learning rates that move a 2D MLP in hundreds rather than thousands of iterations.
-TOY_DEFAULTS = {"iters": 600, "lr_gen": 1e-4, "lr_critic": 1e-3, "ema_start": 100, "ckpt_every": 100, "log_every": 5}
+TOY_DEFAULTS = {"iters": 1000, "lr_gen": 3e-4, "lr_critic": 1e-3, "ema_start": 100, "ckpt_every": 100, "log_every": 5}
 
 
 class _Parser(argparse.ArgumentParser):

@@ -26,12 +26,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from salt_ref.schedule import append_dims, x0_from_flow
+from salt_ref.schedule import append_dims, randn_like, x0_from_flow
 
-__all__ = ["FlowFn", "renoise_update", "ddim_update", "update", "Rollout", "rollout", "sample"]
+__all__ = ["FlowFn", "OnExit", "renoise_update", "ddim_update", "update", "Rollout", "rollout", "sample"]
 
 FlowFn = Callable[[Tensor, Tensor], Tensor]
 """``flow_fn(x [B, ...], sigma [B]) -> v [B, ...]``: a network closed over its condition."""
+
+OnExit = Callable[[FlowFn, Tensor, Tensor, Tensor], Tensor]
+"""``on_exit(flow_fn, x_exit, sigma_exit [B], v_exit) -> Tensor``: work done at a rollout's exit step."""
 
 MODES = ("renoise", "ddim")
 
@@ -76,6 +79,8 @@ class Rollout:
         sigmas: the step list that was followed, ``[K + 1]``.
         exit_index: index of the last evaluated step (``K - 1`` for a full rollout).
         v_exit: the flow at the exit step (carries gradient when the exit step did).
+        exit_extra: what ``on_exit`` returned (e.g. SC-DMD's two-jump target), or ``None``.
+        x0_ref: a reference path's output when the rollout ran one (cache-aware training), else ``None``.
     """
 
     states: list[Tensor]
@@ -83,6 +88,8 @@ class Rollout:
     sigmas: Tensor
     exit_index: int
     v_exit: Tensor
+    exit_extra: Tensor | None = None
+    x0_ref: Tensor | None = None
 
     @property
     def x0(self) -> Tensor:
@@ -115,6 +122,7 @@ def rollout(
     generator: torch.Generator | None = None,
     exit_index: int | None = None,
     grad_exit: bool = True,
+    on_exit: OnExit | None = None,
 ) -> Rollout:
     """Compose updates from ``x [B, ...]`` at ``sigmas[0]`` along ``sigmas [K + 1]``.
 
@@ -125,6 +133,8 @@ def rollout(
         mode: ``"renoise"`` (fresh noise drawn from ``generator``) or ``"ddim"``.
         exit_index: stop after evaluating step ``k`` (backward simulation); ``None`` runs all K steps.
         grad_exit: evaluate the exit step with gradient (earlier steps never carry gradient).
+        on_exit: ``on_exit(flow_fn, x_exit, sigma_exit [B], v_exit)`` evaluated without gradient at the exit
+            step, while ``flow_fn`` still sees the exit step's context (chunk-wise rollouts pass their KV cache).
     """
     _check_sigmas(sigmas)
     n_steps = sigmas.numel() - 1
@@ -143,8 +153,12 @@ def rollout(
         states.append(x)
         x0s.append(x0_hat)
         if k == k_exit:
-            return Rollout(states, x0s, sigmas, k_exit, v)
-        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device) if mode == "renoise" else None
+            extra = None
+            if on_exit is not None:
+                with torch.no_grad():
+                    extra = on_exit(flow_fn, x, sigma_t, v)
+            return Rollout(states, x0s, sigmas, k_exit, v, extra)
+        noise = randn_like(x, generator) if mode == "renoise" else None
         x = update(x, sigma_t, sigmas[k + 1].to(x), v, mode=mode, noise=noise).detach()
     raise AssertionError("unreachable")
 

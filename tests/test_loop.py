@@ -105,3 +105,9 @@ def test_loop_config_rejects_bad_values():
         LoopConfig(iters=-1)
     with pytest.raises(ValueError, match="ema_decay"):
         LoopConfig(ema_decay=1.0)
+
+
+def test_mlp_teacher_option_trains_through_the_loop(tmp_path):
+    cfg = Toy2DConfig(method="dmd", teacher="mlp", teacher_iters=5, **TINY)
+    result = train(build_task(cfg), _loop(2), tmp_path, progress=False)
+    assert result.iterations == 2 and torch.isfinite(torch.tensor(result.last_logs["loss_dmd"]))

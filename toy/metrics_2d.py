@@ -54,9 +54,7 @@ def assign_modes(x: Tensor, gmm: GaussianMixture) -> tuple[Tensor, Tensor]:
     return idx, dist
 
 
-def modes_captured(
-    x: Tensor, gmm: GaussianMixture, n_std: float = 3.0, min_share: float | None = None
-) -> int:
+def modes_captured(x: Tensor, gmm: GaussianMixture, n_std: float = 3.0, min_share: float | None = None) -> int:
     """Number of modes holding at least ``max(1, ceil(min_share * N * w_k))`` samples within ``n_std`` stds.
 
     ``min_share`` defaults to :data:`MIN_SHARE` (5% of the expected per-mode count ``N w_k``, ``N / K`` for

@@ -140,7 +140,6 @@ class Toy2DTask:
             noise_fn=lambda g: torch.randn(cfg.batch, gmm.dim, generator=g),
             real_flow=teacher,
             fake_flow=as_flow(self.critic),
-            gen_flow=gen_flow,
             step_lists=StepLists(shift=cfg.shift),
             shift=cfg.shift,
             sc_weight=cfg.sc_weight if cfg.method == "sc-dmd" else 0.0,
@@ -154,7 +153,7 @@ class Toy2DTask:
                 as_flow(self.generator), as_flow(ema), self.teacher, x0, self.cd_grid, rng
             )
             return loss, {"loss_cd": loss.item(), "loss_gen": loss.item()}
-        return self.objective.generator_loss(rng, as_flow(ema))
+        return self.objective.generator_loss(rng, as_flow(ema), it)
 
     def critic_loss(self, it: int, rng: torch.Generator) -> tuple[Tensor, dict[str, float]]:
         return self.objective.critic_loss(rng)

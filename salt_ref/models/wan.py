@@ -161,10 +161,17 @@ class RMSNorm(nn.Module):
 
 
 class LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in float32, affine or not (Wan's ``norm1/2/3``)."""
+    """LayerNorm computed in float32 (or the input's dtype if wider), affine or not (Wan's ``norm1/2/3``).
+
+    The affine weight and bias are cast to the compute dtype too (CPU layer_norm rejects mixed dtypes, so a
+    float64 model failed at ``norm3`` before).
+    """
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.float()).type_as(x)
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        w = None if self.weight is None else self.weight.to(dtype)
+        b = None if self.bias is None else self.bias.to(dtype)
+        return F.layer_norm(x.to(dtype), self.normalized_shape, w, b, self.eps).type_as(x)
 
 
 class Attention(nn.Module):
@@ -495,14 +502,14 @@ def load_checkpoint(model: WanModel, path: str | Path, *, strict: bool = True) -
 
     files, _ = _checkpoint_files(Path(path))
     own = model.state_dict()
-    seen: dict[str, tuple[Path, str]] = {}
+    stored: dict[str, tuple[Path, str]] = {}
     for f in files:
         with safe_open(str(f), framework="pt") as sf:
-            keys = list(sf.keys())
-        diffusers = any(k.startswith(("condition_embedder.", "proj_out.")) or ".attn1." in k for k in keys)
-        for k in keys:
-            name = k.removeprefix("model.diffusion_model.")
-            seen[from_diffusers_keys(name) if diffusers else name] = (f, k)
+            for k in sf.keys():
+                stored[k.removeprefix("model.diffusion_model.")] = (f, k)
+    # decide the layout from all shards together: one shard may hold only keys named alike in both layouts
+    diffusers = any(n.startswith(("condition_embedder.", "proj_out.")) or ".attn1." in n for n in stored)
+    seen = {(from_diffusers_keys(n) if diffusers else n): fk for n, fk in stored.items()}
     missing = sorted(set(own) - set(seen))
     unexpected = sorted(set(seen) - set(own))
     shapes = []

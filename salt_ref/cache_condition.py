@@ -1,0 +1,147 @@
+r"""The KV cache as a condition whose quality varies: chunk-wise rollouts that write it, and their reference.
+
+A causal student generates a video chunk by chunk (chunks of ``chunk_frames`` latent frames). Chunk ``c`` is
+denoised by the backward-simulated rollout of ``salt_ref.updates`` along a step list, attending to the cache of
+earlier chunks; its output is then written into the cache by a *context pass*::
+
+    x0_c = rollout(G(. | cache), eps_c, sigmas, exit = k)                    (steps < k without gradient)
+    cache <- K,V of G(add_noise(sg(x0_c), eps', sigma_ctx) | cache)         (sigma_ctx = 0 by default)
+
+The cache's *quality* is the number of steps K of the rollout that wrote it. In cache-aware training the
+student's 2-step rollout writes a low-quality (LQ) cache; a *reference path* (the same student, no gradient, the
+same chunk noise ``eps_c``, the 4-step grid down to the student's exit level) writes its own outputs into a
+second, high-quality (HQ) cache. ``x0_ref`` is compared with ``x0`` by ``salt_ref.feature_align``.
+
+Shapes: ``noise [B, C, F, H, W]``; chunks split ``F``; ``context [B, L, D_text]``; outputs ``[B, C, F, H, W]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from salt_ref.kv_cache import KVCache, MemoryPolicy
+from salt_ref.schedule import add_noise, randn_like
+from salt_ref.updates import OnExit, Rollout, rollout
+
+__all__ = ["ChunkedRollout", "chunk_bounds", "reference_exit_index", "chunked_rollout"]
+
+
+def chunk_bounds(n_frames: int, chunk_frames: int) -> list[tuple[int, int]]:
+    """``[(0, c), (c, 2c), ...]`` covering ``n_frames`` (the last chunk may be shorter)."""
+    if n_frames < 1 or chunk_frames < 1:
+        raise ValueError(f"need n_frames >= 1 and chunk_frames >= 1, got {n_frames}, {chunk_frames}")
+    return [(s, min(s + chunk_frames, n_frames)) for s in range(0, n_frames, chunk_frames)]
+
+
+def reference_exit_index(ref_sigmas: Tensor, sigma_exit: float, atol: float = 1e-6) -> int:
+    """Index of the student's exit level on the reference grid (the reference stops there)."""
+    hits = [i for i, s in enumerate(ref_sigmas[:-1].tolist()) if abs(s - sigma_exit) < atol]
+    if not hits:
+        raise ValueError(f"exit level {sigma_exit:.4f} is not on the reference grid {ref_sigmas.tolist()}")
+    return hits[0]
+
+
+@dataclass
+class ChunkedRollout(Rollout):
+    """A :class:`~salt_ref.updates.Rollout` over chunks: every tensor is the chunks' concatenated along ``F``."""
+
+    chunks: list[tuple[int, int]] | None = None
+
+
+def _cat(parts: list[Tensor | None]) -> Tensor | None:
+    return None if parts[0] is None else torch.cat(parts, dim=2)  # type: ignore[arg-type]
+
+
+def chunked_rollout(
+    model: nn.Module,
+    noise: Tensor,
+    sigmas: Tensor,
+    context: Tensor,
+    *,
+    chunk_frames: int,
+    policy: MemoryPolicy | str = "full",
+    rope: str = "absolute",
+    exit_index: int | None = None,
+    generator: torch.Generator | None = None,
+    grad_exit: bool = True,
+    on_exit: OnExit | None = None,
+    reference_sigmas: Tensor | None = None,
+    context_sigma: float = 0.0,
+    mode: str = "renoise",
+) -> ChunkedRollout:
+    """Chunk-by-chunk backward simulation of a causal ``model`` through a KV cache (and an optional HQ reference).
+
+    Args:
+        model: a causal :class:`~salt_ref.models.wan.WanModel` (``new_cache``, ``kv_cache=``, ``commit=``).
+        noise: starting noise of the whole video ``[B, C, F, H, W]`` (chunk ``c`` uses its frames).
+        sigmas: the step list ``[K + 1]``; every chunk exits at ``exit_index`` (shared, as Self-Forcing).
+        context: the prompt's text states for every forward.
+        chunk_frames, policy, rope: chunking and the cache's memory policy / RoPE mode.
+        on_exit: evaluated per chunk at its exit step, with the chunk's cache current (SC-DMD's target).
+        reference_sigmas: if given, also run the reference path on this grid down to the exit level, with its
+            own cache; its outputs are returned as ``x0_ref``.
+        context_sigma: noise level of the context pass that writes each finished chunk into the cache.
+    """
+    if noise.ndim != 5:
+        raise ValueError(f"noise must be [B, C, F, H, W], got {tuple(noise.shape)}")
+    b, _, n_f, h, w = noise.shape
+    bounds = chunk_bounds(n_f, chunk_frames)
+    k_exit = sigmas.numel() - 2 if exit_index is None else exit_index
+    cache = model.new_cache(policy, batch=b, frames_hw=(h, w), max_frames=n_f, rope=rope, device=noise.device)
+    ref_cache: list[KVCache] | None = None
+    k_ref = None
+    if reference_sigmas is not None:
+        ref_cache = model.new_cache(policy, batch=b, frames_hw=(h, w), max_frames=n_f, rope=rope, device=noise.device)
+        k_ref = reference_exit_index(reference_sigmas, float(sigmas[k_exit]))
+
+    def flow_on(kv: list[KVCache], start: int):
+        return lambda x, sigma: model(x, sigma * 1000.0, context, kv_cache=kv, start_frame=start)
+
+    def write(kv: list[KVCache], x0: Tensor, start: int) -> None:
+        with torch.no_grad():
+            ctx = add_noise(x0.detach(), randn_like(x0, generator), context_sigma)
+            t_ctx = torch.full((b,), context_sigma * 1000.0, device=x0.device, dtype=x0.dtype)
+            model(ctx, t_ctx, context, kv_cache=kv, start_frame=start, commit=True)
+
+    per_chunk: list[Rollout] = []
+    refs: list[Tensor] = []
+    for s, e in bounds:
+        ro = rollout(
+            flow_on(cache, s),
+            noise[:, :, s:e],
+            sigmas,
+            mode=mode,
+            generator=generator,
+            exit_index=k_exit,
+            grad_exit=grad_exit,
+            on_exit=on_exit,
+        )
+        per_chunk.append(ro)
+        write(cache, ro.x0, s)
+        if ref_cache is not None:
+            with torch.no_grad():
+                ref = rollout(
+                    flow_on(ref_cache, s),
+                    noise[:, :, s:e],
+                    reference_sigmas,
+                    mode=mode,
+                    generator=generator,
+                    exit_index=k_ref,
+                    grad_exit=False,
+                )
+            refs.append(ref.x0)
+            write(ref_cache, ref.x0, s)
+    steps = range(k_exit + 1)
+    return ChunkedRollout(
+        states=[torch.cat([ro.states[i] for ro in per_chunk], dim=2) for i in steps],
+        x0s=[torch.cat([ro.x0s[i] for ro in per_chunk], dim=2) for i in steps],
+        sigmas=sigmas,
+        exit_index=k_exit,
+        v_exit=torch.cat([ro.v_exit for ro in per_chunk], dim=2),
+        exit_extra=_cat([ro.exit_extra for ro in per_chunk]),
+        x0_ref=torch.cat(refs, dim=2) if refs else None,
+        chunks=bounds,
+    )
