@@ -130,12 +130,19 @@ class DMDObjective:
             raise ValueError("cache-aware alignment needs a feature_fn (the frozen teacher's hidden states)")
 
     def generator_loss(
-        self, generator: torch.Generator | None = None, ema_flow: FlowFn | None = None, it: int = 0
+        self,
+        generator: torch.Generator | None = None,
+        ema_flow: FlowFn | None = None,
+        it: int = 0,
+        shared: torch.Generator | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
-        n, sigmas, k = self.step_lists.draw(generator)
+        """One micro-batch's generator loss and logs. ``shared`` (default ``generator``) draws the choices that
+        every rank makes alike: step list, exit step and SC points."""
+        shared = shared or generator
+        n, sigmas, k = self.step_lists.draw(shared)
         on_exit, sigma_e = None, 0.0
         if self.sc_weight > 0 and n == self.sc_fine_steps:
-            points = sc_dmd.sc_points(sigmas, k, generator=generator)
+            points = sc_dmd.sc_points(sigmas, k, generator=shared)
             if points is not None:
                 sigma_e, sigma_m = points
                 use_ema = self.sc_target == "ema" and ema_flow is not None
@@ -165,8 +172,10 @@ class DMDObjective:
         logs["loss_gen"] = loss.item()
         return loss, logs
 
-    def critic_loss(self, generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, float]]:
-        _, sigmas, k = self.step_lists.draw(generator)
+    def critic_loss(
+        self, generator: torch.Generator | None = None, shared: torch.Generator | None = None
+    ) -> tuple[Tensor, dict[str, float]]:
+        _, sigmas, k = self.step_lists.draw(shared or generator)
         with torch.no_grad():
             noise = self.noise_fn(generator)
             x0 = self.rollout_fn(noise, sigmas, exit_index=k, generator=generator, grad_exit=False).x0

@@ -1,23 +1,32 @@
 r"""The one training loop: generator/critic alternation with EMA, clipping, logging, checkpoints and resume.
 
-Per iteration ``i`` (counted in generator updates)::
+Per iteration ``i`` (counted in generator updates), with ``A`` gradient-accumulation micro-batches per rank::
 
-    theta_G <- AdamW(theta_G, clip(grad L_G))                  L_G from the task (DMD, SC-DMD, CD, Salt)
-    EMA     <- theta_G                   if i < ema_start
-               decay * EMA + (1 - decay) * theta_G   otherwise
-    repeat critic_ratio times:  theta_F <- AdamW(theta_F, clip(grad L_F))     (skipped without a critic)
+    theta_G <- AdamW(theta_G, clip(mean_{ranks, A} grad L_G))          L_G from the task (DMD, SC-DMD, CD, Salt)
+    EMA     <- theta_G                                 if i < ema_start
+               decay * EMA + (1 - decay) * theta_G     otherwise
+    repeat critic_ratio times:  theta_F <- AdamW(theta_F, clip(mean grad L_F))    (skipped without a critic)
 
-All randomness of an iteration comes from one ``torch.Generator`` owned by the loop and saved in every
-checkpoint with the weights, EMA and both optimizers, so a killed run resumed from its last checkpoint reaches
-bitwise the same final weights as an uninterrupted run (on CPU, same thread count). A non-finite loss or
-gradient norm stops the run with :class:`NonFiniteLossError`; the last good checkpoint is left untouched.
+Randomness comes from two kinds of ``torch.Generator`` (both saved in every checkpoint):
+
+- ``shared``: the same on every rank and micro-batch of an iteration; the *choices* (step list, exit step, SC
+  points) are drawn from it, as the public code broadcasts them from rank 0;
+- ``local[j]``: one stream per global micro-batch ``rank * A + j``; noise, prompts and levels come from it.
+
+So ``world x A`` fixes the data: 2 processes with ``A = 1`` see exactly the micro-batches that 1 process with
+``A = 2`` sees, and their losses agree up to float reduction order. A killed run resumed from its last
+checkpoint reaches bitwise the same final weights as an uninterrupted run (single process, CPU). A non-finite
+loss or gradient norm stops the run with :class:`NonFiniteLossError`; the last good checkpoint is kept.
+
+Checkpoints are a single safetensors file (:class:`SafetensorsCheckpointer`) or, under FSDP2, a sharded
+``torch.distributed.checkpoint`` folder (:class:`DCPCheckpointer`); both are replaced atomically.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -25,12 +34,25 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from salt_ref import checkpoint as ckpt
 
-__all__ = ["LoopConfig", "Task", "NonFiniteLossError", "LoopResult", "train", "CHECKPOINT_NAME", "METRICS_NAME"]
+__all__ = [
+    "LoopConfig",
+    "Rng",
+    "Task",
+    "NonFiniteLossError",
+    "LoopResult",
+    "Checkpointer",
+    "SafetensorsCheckpointer",
+    "DCPCheckpointer",
+    "train",
+    "CHECKPOINT_NAME",
+    "METRICS_NAME",
+]
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 METRICS_NAME = "metrics.jsonl"
@@ -38,7 +60,7 @@ METRICS_NAME = "metrics.jsonl"
 
 @dataclass
 class LoopConfig:
-    """Optimisation settings shared by every scale (defaults: the Self-Forcing / Salt recipe ratios)."""
+    """Optimisation settings shared by every scale (defaults: the Self-Forcing / Salt recipe)."""
 
     iters: int = 1000
     critic_ratio: int = 5
@@ -49,6 +71,7 @@ class LoopConfig:
     grad_clip: float = 10.0
     ema_decay: float = 0.99
     ema_start: int = 200
+    accum_steps: int = 1
     ckpt_every: int = 100
     log_every: int = 10
     seed: int = 0
@@ -58,21 +81,33 @@ class LoopConfig:
             raise ValueError(f"iters must be >= 0, got {self.iters}")
         if self.critic_ratio < 0:
             raise ValueError(f"critic_ratio must be >= 0, got {self.critic_ratio}")
-        if self.ckpt_every < 1 or self.log_every < 1:
-            raise ValueError("ckpt_every and log_every must be >= 1")
+        if self.ckpt_every < 1 or self.log_every < 1 or self.accum_steps < 1:
+            raise ValueError("ckpt_every, log_every and accum_steps must be >= 1")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
 
 
+@dataclass
+class Rng:
+    """The generators one micro-batch draws from: ``shared`` choices and ``local`` data."""
+
+    shared: torch.Generator
+    local: torch.Generator
+
+
 class Task(Protocol):
-    """What a setup hands the loop: the trained networks and their losses for one update."""
+    """What a setup hands the loop: the trained networks and their losses for one micro-batch.
+
+    A task may also define ``make_ema() -> nn.Module`` (default: a deep copy of ``generator``), e.g. to build
+    the EMA sharded like the generator under FSDP2.
+    """
 
     generator: nn.Module
     critic: nn.Module | None
 
-    def generator_loss(self, it: int, rng: torch.Generator, ema: nn.Module) -> tuple[Tensor, dict[str, float]]: ...
+    def generator_loss(self, it: int, rng: Rng, ema: nn.Module) -> tuple[Tensor, dict[str, float]]: ...
 
-    def critic_loss(self, it: int, rng: torch.Generator) -> tuple[Tensor, dict[str, float]]: ...
+    def critic_loss(self, it: int, rng: Rng) -> tuple[Tensor, dict[str, float]]: ...
 
 
 class NonFiniteLossError(RuntimeError):
@@ -87,70 +122,239 @@ class LoopResult:
     checkpoint: Path
 
 
-def _adamw(module: nn.Module, lr: float, cfg: LoopConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(module.parameters(), lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 class _State:
-    """Everything a checkpoint holds, with save/load in the flat safetensors layout."""
+    """Everything a checkpoint holds: networks, EMA, optimizers, generators and the iteration count."""
 
     def __init__(self, task: Task, cfg: LoopConfig):
         self.task, self.cfg = task, cfg
-        self.ema = copy.deepcopy(task.generator).requires_grad_(False)
-        self.opt_gen = _adamw(task.generator, cfg.lr_gen, cfg)
-        self.opt_critic = _adamw(task.critic, cfg.lr_critic, cfg) if task.critic is not None else None
-        self.rng = torch.Generator().manual_seed(cfg.seed)
+        make_ema = getattr(task, "make_ema", None)
+        self.ema = (make_ema() if make_ema is not None else copy.deepcopy(task.generator)).requires_grad_(False)
+        self.opt_gen = self._adamw(task.generator, cfg.lr_gen)
+        self.opt_critic = self._adamw(task.critic, cfg.lr_critic) if task.critic is not None else None
+        rank, _ = _world()
+        self.shared = torch.Generator().manual_seed(cfg.seed)
+        # stream seeds depend on the global micro-batch index only, so world x accum fixes the data
+        self.local = [
+            torch.Generator().manual_seed(cfg.seed * 100_003 + 7919 * (rank * cfg.accum_steps + j) + 1)
+            for j in range(cfg.accum_steps)
+        ]
         self.done = 0
 
-    def save(self, path: Path, fingerprint: dict[str, Any]) -> None:
-        tensors = {**ckpt.module_tensors("generator", self.task.generator), **ckpt.module_tensors("ema", self.ema)}
-        opt_t, opt_h = ckpt.optimizer_tensors("opt_gen", self.opt_gen)
+    def _adamw(self, module: nn.Module, lr: float) -> torch.optim.Optimizer:
+        cfg = self.cfg
+        return torch.optim.AdamW(module.parameters(), lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+    def rng_tensors(self) -> dict[str, Tensor]:
+        return {
+            "rng.shared": self.shared.get_state(),
+            **{f"rng.local.{j}": g.get_state() for j, g in enumerate(self.local)},
+        }
+
+    def set_rng(self, tensors: dict[str, Tensor]) -> None:
+        self.shared.set_state(tensors["rng.shared"])
+        for j, g in enumerate(self.local):
+            g.set_state(tensors[f"rng.local.{j}"])
+
+
+class Checkpointer(Protocol):
+    path: Path
+
+    def exists(self) -> bool: ...
+
+    def iteration(self) -> int: ...
+
+    def save(self, state: _State, fingerprint: dict[str, Any]) -> None: ...
+
+    def load(self, state: _State, fingerprint: dict[str, Any]) -> None: ...
+
+
+def _check_fingerprint(path: Path, theirs: dict[str, Any], ours: dict[str, Any]) -> None:
+    if theirs != ours:
+        diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+        raise ckpt.CheckpointMismatchError(
+            f"{path} was written by another config (differs in {diff}); use a new --out or the same settings"
+        )
+
+
+class SafetensorsCheckpointer:
+    """One safetensors file per run (single process); see :mod:`salt_ref.checkpoint`."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def iteration(self) -> int:
+        return int(ckpt.read_header(self.path)["iteration"])
+
+    def save(self, state: _State, fingerprint: dict[str, Any]) -> None:
+        task = state.task
+        tensors = {**ckpt.module_tensors("generator", task.generator), **ckpt.module_tensors("ema", state.ema)}
+        opt_t, opt_h = ckpt.optimizer_tensors("opt_gen", state.opt_gen)
         tensors.update(opt_t)
-        header: dict[str, Any] = {"iteration": self.done, "config": fingerprint, "opt_gen": opt_h}
-        if self.opt_critic is not None:
-            tensors.update(ckpt.module_tensors("critic", self.task.critic))
-            opt_t, header["opt_critic"] = ckpt.optimizer_tensors("opt_critic", self.opt_critic)
+        header: dict[str, Any] = {"iteration": state.done, "config": fingerprint, "opt_gen": opt_h}
+        if state.opt_critic is not None:
+            tensors.update(ckpt.module_tensors("critic", task.critic))
+            opt_t, header["opt_critic"] = ckpt.optimizer_tensors("opt_critic", state.opt_critic)
             tensors.update(opt_t)
-        tensors["rng"] = self.rng.get_state()
-        ckpt.save_atomic(path, tensors, header)
+        tensors.update(state.rng_tensors())
+        ckpt.save_atomic(self.path, tensors, header)
 
-    def load(self, path: Path, fingerprint: dict[str, Any]) -> None:
-        header = ckpt.read_header(path)
-        theirs = header.get("config", {})
-        if theirs != fingerprint:
-            diff = sorted(k for k in set(theirs) | set(fingerprint) if theirs.get(k) != fingerprint.get(k))
+    def load(self, state: _State, fingerprint: dict[str, Any]) -> None:
+        _check_fingerprint(self.path, ckpt.read_header(self.path).get("config", {}), fingerprint)
+        tensors, header = ckpt.load_state(self.path)
+        task = state.task
+        ckpt.load_module_tensors("generator", task.generator, tensors)
+        ckpt.load_module_tensors("ema", state.ema, tensors)
+        ckpt.load_optimizer_tensors("opt_gen", state.opt_gen, tensors, header["opt_gen"])
+        if state.opt_critic is not None:
+            ckpt.load_module_tensors("critic", task.critic, tensors)
+            ckpt.load_optimizer_tensors("opt_critic", state.opt_critic, tensors, header["opt_critic"])
+        state.set_rng(tensors)
+        state.done = int(header["iteration"])
+
+
+class DCPCheckpointer:
+    """A sharded ``torch.distributed.checkpoint`` folder for FSDP2 runs, written to ``<dir>.tmp`` then renamed.
+
+    Holds ``generator``, ``ema``, ``critic`` and both optimizers (each rank writes its shards), one
+    ``rng_rank<r>.pt`` per rank, and ``meta.json`` with the iteration and the run's fingerprint.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def exists(self) -> bool:
+        return (self.path / "meta.json").exists()
+
+    def iteration(self) -> int:
+        return int(json.loads((self.path / "meta.json").read_text())["iteration"])
+
+    @staticmethod
+    def _state_dicts(state: _State) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+        task = state.task
+        g_sd, g_opt = get_state_dict(task.generator, state.opt_gen)
+        out = {"generator": g_sd, "opt_gen": g_opt, "ema": get_model_state_dict(state.ema)}
+        if state.opt_critic is not None:
+            out["critic"], out["opt_critic"] = get_state_dict(task.critic, state.opt_critic)
+        return out
+
+    def save(self, state: _State, fingerprint: dict[str, Any]) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        rank, world = _world()
+        tmp, old = self.path.with_name(self.path.name + ".tmp"), self.path.with_name(self.path.name + ".old")
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        _barrier()
+        dcp.save(self._state_dicts(state), checkpoint_id=str(tmp))
+        torch.save(state.rng_tensors(), tmp / f"rng_rank{rank}.pt")
+        _barrier()
+        if rank == 0:
+            meta = {"iteration": state.done, "config": fingerprint, "world_size": world}
+            (tmp / "meta.json").write_text(json.dumps(meta))
+            if self.path.exists():
+                self.path.rename(old)
+            tmp.rename(self.path)
+            shutil.rmtree(old, ignore_errors=True)
+        _barrier()
+
+    def load(self, state: _State, fingerprint: dict[str, Any]) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+
+        meta = json.loads((self.path / "meta.json").read_text())
+        _check_fingerprint(self.path, meta["config"], fingerprint)
+        rank, world = _world()
+        if meta["world_size"] != world:
             raise ckpt.CheckpointMismatchError(
-                f"{path} was written by another config (differs in {diff}); use a new --out or the same settings"
+                f"{self.path} was written by {meta['world_size']} ranks, this run has {world}: the per-rank "
+                "random streams would not continue; resume with the same number of processes"
             )
-        tensors, header = ckpt.load_state(path)
-        ckpt.load_module_tensors("generator", self.task.generator, tensors)
-        ckpt.load_module_tensors("ema", self.ema, tensors)
-        ckpt.load_optimizer_tensors("opt_gen", self.opt_gen, tensors, header["opt_gen"])
-        if self.opt_critic is not None:
-            ckpt.load_module_tensors("critic", self.task.critic, tensors)
-            ckpt.load_optimizer_tensors("opt_critic", self.opt_critic, tensors, header["opt_critic"])
-        self.rng.set_state(tensors["rng"])
-        self.done = int(header["iteration"])
+        sds = self._state_dicts(state)
+        dcp.load(sds, checkpoint_id=str(self.path))
+        task = state.task
+        set_state_dict(
+            task.generator, state.opt_gen, model_state_dict=sds["generator"], optim_state_dict=sds["opt_gen"]
+        )
+        set_model_state_dict(state.ema, sds["ema"])
+        if state.opt_critic is not None:
+            set_state_dict(
+                task.critic, state.opt_critic, model_state_dict=sds["critic"], optim_state_dict=sds["opt_critic"]
+            )
+        state.set_rng(torch.load(self.path / f"rng_rank{rank}.pt"))
+        state.done = int(meta["iteration"])
 
 
-def _finite_step(
-    loss: Tensor, module: nn.Module, opt: torch.optim.Optimizer, clip: float, what: str, it: int, last_good: str
-) -> float:
-    if not torch.isfinite(loss):
-        raise NonFiniteLossError(f"{what} loss is {loss.item()} at iteration {it}; {last_good}")
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _as_float(x: Tensor) -> float:
+    full = getattr(x, "full_tensor", None)  # FSDP2 returns DTensor norms
+    return float((full() if full is not None else x).item())
+
+
+def _reduce_logs(logs: dict[str, float]) -> dict[str, float]:
+    """Mean of every numeric log over ranks (all ranks log the same keys: their choices are shared)."""
+    _, world = _world()
+    if world == 1 or not logs:
+        return logs
+    keys = sorted(logs)
+    vals = torch.tensor([float(logs[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(vals)
+    return {k: v / world for k, v in zip(keys, vals.tolist(), strict=True)}
+
+
+def _optimise(
+    losses: Callable[[Rng], tuple[Tensor, dict[str, float]]],
+    state: _State,
+    module: nn.Module,
+    opt: torch.optim.Optimizer,
+    what: str,
+    it: int,
+    last_good: str,
+) -> dict[str, float]:
+    """One optimizer step on the mean over ``accum_steps`` micro-batches; returns the averaged logs."""
+    cfg = state.cfg
     opt.zero_grad(set_to_none=True)
-    loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(module.parameters(), clip)
-    if not torch.isfinite(norm):
-        raise NonFiniteLossError(f"{what} gradient norm is {float(norm)} at iteration {it}; {last_good}")
+    shared_start = state.shared.get_state()
+    logs_sum: dict[str, float] = {}
+    for local in state.local:
+        state.shared.set_state(shared_start)  # every micro-batch of the iteration makes the same choices
+        loss, logs = losses(Rng(state.shared, local))
+        if not torch.isfinite(loss.detach()):
+            raise NonFiniteLossError(f"{what} loss is {loss.item()} at iteration {it}; {last_good}")
+        (loss / cfg.accum_steps).backward()
+        for k, v in logs.items():
+            logs_sum[k] = logs_sum.get(k, 0.0) + float(v) / cfg.accum_steps
+    norm = _as_float(torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip))
+    if not torch.isfinite(torch.tensor(norm)):
+        raise NonFiniteLossError(f"{what} gradient norm is {norm} at iteration {it}; {last_good}")
     opt.step()
-    return float(norm)
+    logs_sum[f"grad_norm_{what}"] = norm
+    return logs_sum
 
 
 @torch.no_grad()
-def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+def _ema_update(ema: nn.Module, model: nn.Module, decay: float | None) -> None:
+    """``ema <- decay * ema + (1 - decay) * model``; ``decay=None`` copies (before ``ema_start``)."""
     for e, p in zip(ema.parameters(), model.parameters(), strict=True):
-        e.lerp_(p, 1.0 - decay)
+        if decay is None:
+            e.copy_(p.detach())
+        else:
+            e.lerp_(p.detach(), 1.0 - decay)
     for e, b in zip(ema.buffers(), model.buffers(), strict=True):
         e.copy_(b)
 
@@ -172,71 +376,88 @@ def train(
     resume: bool = False,
     progress: bool = True,
     callback: Callable[[int, dict[str, float]], None] | None = None,
+    checkpointer: Checkpointer | None = None,
 ) -> LoopResult:
     """Run ``cfg.iters`` generator iterations of ``task`` writing into ``out_dir``.
 
     Args:
         task: the setup (networks and losses).
         cfg: optimisation and bookkeeping settings.
-        out_dir: receives ``checkpoint.safetensors`` and ``metrics.jsonl``.
+        out_dir: receives the checkpoint and (rank 0) ``metrics.jsonl``.
         fingerprint: JSON-able description of everything that must match on resume (defaults to ``cfg``
             without ``iters``).
         resume: continue from ``out_dir``'s checkpoint (error if there is none or it has another fingerprint).
         callback: ``callback(iteration_done, logs)`` after each iteration (for tests and notebooks).
+        checkpointer: where state goes (default: ``out_dir/checkpoint.safetensors``).
     """
+    rank, world = _world()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path, metrics_path = out_dir / CHECKPOINT_NAME, out_dir / METRICS_NAME
+    saver = checkpointer or SafetensorsCheckpointer(out_dir / CHECKPOINT_NAME)
+    metrics_path = out_dir / METRICS_NAME
     if fingerprint is None:
         fingerprint = {k: v for k, v in asdict(cfg).items() if k != "iters"}
-    fingerprint = json.loads(json.dumps(fingerprint))  # tuples become lists, as they come back from JSON
+    fingerprint = json.loads(json.dumps({**fingerprint, "world_x_accum": world * cfg.accum_steps}))
     state = _State(task, cfg)
     if resume:
-        if not ckpt_path.exists():
-            raise FileNotFoundError(f"--resume: no {CHECKPOINT_NAME} in {out_dir}")
-        state.load(ckpt_path, fingerprint)
-        _trim_metrics(metrics_path, state.done)
-    else:
+        if not saver.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {saver.path}")
+        saver.load(state, fingerprint)
+        if rank == 0:
+            _trim_metrics(metrics_path, state.done)
+    elif rank == 0:
         metrics_path.unlink(missing_ok=True)
-    last_good = f"last good checkpoint: {ckpt_path} (iteration {state.done})" if resume else "no checkpoint yet"
+    last_good = f"last good checkpoint: {saver.path} (iteration {state.done})" if resume else "no checkpoint yet"
     task.generator.train()
     if task.critic is not None:
         task.critic.train()
     logs: dict[str, float] = {}
     t0 = time.perf_counter()
-    bar = tqdm(total=cfg.iters, initial=state.done, disable=not progress, desc="train", dynamic_ncols=True)
-    with open(metrics_path, "a") as metrics_file:
+    bar = tqdm(total=cfg.iters, initial=state.done, disable=not progress or rank != 0, desc="train", dynamic_ncols=True)
+    metrics_file = open(metrics_path, "a") if rank == 0 else None  # noqa: SIM115 - closed below
+    try:
         for it in range(state.done, cfg.iters):
-            loss, logs = task.generator_loss(it, state.rng, state.ema)
-            logs["grad_norm_gen"] = _finite_step(
-                loss, task.generator, state.opt_gen, cfg.grad_clip, "generator", it, last_good
+            logs = _optimise(
+                lambda r, it=it: task.generator_loss(it, r, state.ema),
+                state,
+                task.generator,
+                state.opt_gen,
+                "gen",
+                it,
+                last_good,
             )
-            if it < cfg.ema_start:
-                state.ema.load_state_dict(task.generator.state_dict())
-            else:
-                _ema_update(state.ema, task.generator, cfg.ema_decay)
-            critic_losses = []
-            for _ in range(cfg.critic_ratio if task.critic is not None else 0):
-                c_loss, _ = task.critic_loss(it, state.rng)
-                _finite_step(c_loss, task.critic, state.opt_critic, cfg.grad_clip, "critic", it, last_good)
-                critic_losses.append(c_loss.item())
-            if critic_losses:
-                logs["loss_critic"] = sum(critic_losses) / len(critic_losses)
+            _ema_update(state.ema, task.generator, None if it < cfg.ema_start else cfg.ema_decay)
+            if task.critic is not None and cfg.critic_ratio > 0:
+                critic_logs = [
+                    _optimise(
+                        lambda r, it=it: task.critic_loss(it, r),
+                        state,
+                        task.critic,
+                        state.opt_critic,
+                        "critic",
+                        it,
+                        last_good,
+                    )
+                    for _ in range(cfg.critic_ratio)
+                ]
+                logs["loss_critic"] = sum(c["loss_critic"] for c in critic_logs) / len(critic_logs)
+            logs = _reduce_logs(logs)
             state.done = it + 1
-            if state.done % cfg.log_every == 0 or state.done == cfg.iters:
+            if metrics_file is not None and (state.done % cfg.log_every == 0 or state.done == cfg.iters):
                 row = {"iter": state.done, **logs, "time_s": round(time.perf_counter() - t0, 3)}
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
             if state.done % cfg.ckpt_every == 0 or state.done == cfg.iters:
-                state.save(ckpt_path, fingerprint)
-                last_good = f"last good checkpoint: {ckpt_path} (iteration {state.done})"
+                saver.save(state, fingerprint)
+                last_good = f"last good checkpoint: {saver.path} (iteration {state.done})"
             bar.update(1)
             bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k.startswith("loss")}, refresh=False)
             if callback is not None:
                 callback(state.done, logs)
-    bar.close()
-    if not ckpt_path.exists():  # iters == 0 on a fresh run: still leave a loadable checkpoint
-        state.save(ckpt_path, fingerprint)
-    if any(isinstance(v, float) and math.isnan(v) for v in logs.values()):
-        raise NonFiniteLossError(f"non-finite value in final logs {logs}")
-    return LoopResult(state.done, state.ema, logs, ckpt_path)
+    finally:
+        bar.close()
+        if metrics_file is not None:
+            metrics_file.close()
+    if not saver.exists():  # iters == 0 on a fresh run: still leave a loadable checkpoint
+        saver.save(state, fingerprint)
+    return LoopResult(state.done, state.ema, logs, saver.path)

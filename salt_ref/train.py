@@ -1,4 +1,7 @@
-"""Command line: ``python -m salt_ref.train --scale toy [--method dmd|sc-dmd|cd] [--target ring8|grid25] ...``.
+"""Command line: ``python -m salt_ref.train --scale {toy,full} ...`` (``--scale S --help`` lists a scale's flags).
+
+- ``toy``: 2D Gaussian mixtures, ``[--method dmd|sc-dmd|cd] [--target ring8|grid25|mix.json]``;
+- ``full``: the Salt recipe on Wan 2.1 under ``torchrun`` with FSDP2 (``salt_ref.full``).
 
 Every scale runs through the same loop (``salt_ref.loop.train``); this file only turns flags into a setup.
 Bad input (unknown method or target, negative iters, an unwritable out dir, a checkpoint from another config on
@@ -26,7 +29,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+SCALES = ("toy", "full")
+
+
+def _scale_parser() -> argparse.ArgumentParser:
+    p = _Parser(add_help=False)
+    p.add_argument("--scale", choices=SCALES, default="toy")
+    return p
+
+
+def build_parser(scale: str = "toy") -> argparse.ArgumentParser:
     p = _Parser(
         prog="python -m salt_ref.train",
         description=__doc__.split("\n")[0],
@@ -34,10 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--scale",
-        choices=["toy"],
+        choices=SCALES,
         default="toy",
-        help="toy: 2D Gaussian mixtures on the CPU (small and full scales arrive with the Wan model)",
+        help="toy: 2D mixtures on the CPU; full: Wan 2.1 with FSDP2 under torchrun",
     )
+    if scale == "full":
+        from salt_ref.full import add_arguments
+
+        add_arguments(p)
+        return p
     p.add_argument("--method", choices=["dmd", "sc-dmd", "cd"], default="sc-dmd")
     p.add_argument("--target", default="ring8", help="ring8, grid25, or a .json mixture {means, stds, weights}")
     p.add_argument(
@@ -158,7 +175,12 @@ def _run_toy(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    scale = _scale_parser().parse_known_args(argv)[0].scale
+    args = build_parser(scale).parse_args(argv)
+    if scale == "full":
+        from salt_ref import full
+
+        return full.main(args)
     if args.iters < 0:
         return _fail(f"--iters must be >= 0, got {args.iters}")
     if args.ckpt_every < 1:

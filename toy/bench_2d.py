@@ -33,7 +33,7 @@ COLUMNS = [
 ]
 
 
-def _one_seed(args: tuple[str, int, int, str]) -> dict[str, Any]:
+def _one_seed(args: tuple[str, int, int, str, dict[str, Any], tuple[str, ...]]) -> dict[str, Any]:
     """Train every student method for one seed; returns ``{method: metrics}`` (run in a worker process)."""
     import torch
 
@@ -42,15 +42,15 @@ def _one_seed(args: tuple[str, int, int, str]) -> dict[str, Any]:
     from toy.gmm import make_target
     from toy.setup_2d import Toy2DConfig, build_init, evaluate, run
 
-    target, seed, iters, out = args
+    target, seed, iters, out, overrides, methods = args
     torch.set_num_threads(1)
     gmm = make_target(target)
-    base = Toy2DConfig(method="dmd", target=target, seed=seed)
+    base = Toy2DConfig(method="dmd", target=target, seed=seed, **overrides)
     res: dict[str, Any] = {"teacher": evaluate(gmm.flow, gmm, shift=base.shift, n=base.eval_samples, mode="ddim")[0]}
     init = build_init(base, gmm, gmm.flow)
     timings = {}
-    for method in METHODS[1:]:
-        cfg = Toy2DConfig(method=method, target=target, seed=seed)
+    for method in methods:
+        cfg = Toy2DConfig(method=method, target=target, seed=seed, **overrides)
         loop_cfg = LoopConfig(
             iters=iters,
             lr_gen=TOY_DEFAULTS["lr_gen"],
@@ -75,11 +75,13 @@ def _fmt(values: list[float], digits: int) -> str:
     return f"{arr.mean():.{digits}f} ± {arr.std():.{digits}f}"
 
 
-def make_table(per_seed: list[dict[str, Any]], steps: tuple[int, ...] = (1, 2, 4)) -> str:
+def make_table(
+    per_seed: list[dict[str, Any]], steps: tuple[int, ...] = (1, 2, 4), methods: tuple[str, ...] = METHODS
+) -> str:
     """Markdown table: one row per (method, steps), mean ± std over seeds (population std)."""
     head = "| method | steps | " + " | ".join(c[1] for c in COLUMNS) + " | composition defect ↓ |"
     lines = [head, "|" + "---|" * (len(COLUMNS) + 3)]
-    for method in METHODS:
+    for method in methods:
         for k in steps:
             cells = [_fmt([r[method][str(k)][key] for r in per_seed], d) for key, _, d in COLUMNS]
             defect = _fmt([r[method]["composition_defect"]["ddim"] for r in per_seed], 4) if k == steps[0] else ""
@@ -87,7 +89,12 @@ def make_table(per_seed: list[dict[str, Any]], steps: tuple[int, ...] = (1, 2, 4
     return "\n".join(lines)
 
 
-def make_plot(per_seed: list[dict[str, Any]], out_png: Path, steps: tuple[int, ...] = (1, 2, 4)) -> None:
+def make_plot(
+    per_seed: list[dict[str, Any]],
+    out_png: Path,
+    steps: tuple[int, ...] = (1, 2, 4),
+    methods: tuple[str, ...] = METHODS,
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -95,7 +102,7 @@ def make_plot(per_seed: list[dict[str, Any]], out_png: Path, steps: tuple[int, .
 
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
     for key, ax in zip(("energy", "hq_share"), axes[:2], strict=True):
-        for m in METHODS:
+        for m in methods:
             vals = np.array([[r[m][str(k)][key] for k in steps] for r in per_seed])
             ax.errorbar(steps, vals.mean(0), yerr=vals.std(0), marker="o", capsize=3, label=m)
         ax.set_xticks(steps)
@@ -103,9 +110,9 @@ def make_plot(per_seed: list[dict[str, Any]], out_png: Path, steps: tuple[int, .
         ax.set_title(key)
     axes[0].set_yscale("log")
     axes[0].legend(fontsize=8)
-    defects = [[r[m]["composition_defect"]["ddim"] for r in per_seed] for m in METHODS]
-    axes[2].bar(range(len(METHODS)), [np.mean(d) for d in defects], yerr=[np.std(d) for d in defects], capsize=3)
-    axes[2].set_xticks(range(len(METHODS)), METHODS)
+    defects = [[r[m]["composition_defect"]["ddim"] for r in per_seed] for m in methods]
+    axes[2].bar(range(len(methods)), [np.mean(d) for d in defects], yerr=[np.std(d) for d in defects], capsize=3)
+    axes[2].set_xticks(range(len(methods)), methods)
     axes[2].set_title("composition defect (8-step DDIM path)")
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
@@ -119,6 +126,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=None, help="generator iterations (default: the CLI's)")
     p.add_argument("--out", default="runs/bench_2d")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(METHODS[1:]),
+        choices=list(METHODS[1:]),
+        help="student methods (the teacher row is always included)",
+    )
+    p.add_argument("--sc-weight", type=float, default=None, help="ablation: lambda of the SC term")
+    p.add_argument("--sc-target", choices=["live", "ema"], default=None, help="ablation: v2 from live or EMA")
+    p.add_argument("--shift", type=float, default=None, help="ablation: warp of step lists and DMD levels")
     args = p.parse_args(argv)
     from salt_ref.train import TOY_DEFAULTS
 
@@ -126,11 +143,18 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    jobs = [(args.target, s, iters, str(out)) for s in args.seeds]
+    overrides = {
+        k: v
+        for k, v in {"sc_weight": args.sc_weight, "sc_target": args.sc_target, "shift": args.shift}.items()
+        if v is not None
+    }
+    methods = tuple(args.methods)
+    jobs = [(args.target, s, iters, str(out), overrides, methods) for s in args.seeds]
     with ProcessPoolExecutor(max_workers=max(1, args.workers)) as pool:
         per_seed = list(pool.map(_one_seed, jobs))
     elapsed = time.perf_counter() - t0
-    table = make_table(per_seed)
+    shown = ("teacher", *methods)
+    table = make_table(per_seed, methods=shown)
     cmd = "python -m toy.bench_2d " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
     header = (
         f"`{cmd.strip()}` — target {args.target}, seeds {args.seeds}, {iters} generator iterations, "
@@ -140,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "results.json").write_text(
         json.dumps({"iters": iters, "seeds": args.seeds, "target": args.target, "per_seed": per_seed}, indent=1)
     )
-    make_plot(per_seed, out / "bench.png")
+    make_plot(per_seed, out / "bench.png", methods=shown)
     print(header + table)
     print(f"\nwrote {out / 'table.md'}, {out / 'results.json'}, {out / 'bench.png'}")
     return 0 if all(math.isfinite(r["sc-dmd"]["4"]["energy"]) for r in per_seed) else 1

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from salt_ref.distill import METHODS, DMDObjective, StepLists, as_flow, consistency_distillation_loss, default_rollout
-from salt_ref.loop import LoopConfig, LoopResult, train
+from salt_ref.loop import LoopConfig, LoopResult, Rng, train
 from salt_ref.metrics import rollout_composition_defect
 from salt_ref.models.mlp import MLPConfig, TimeMLP
 from salt_ref.sc_dmd import coarse_boundaries
@@ -146,17 +146,17 @@ class Toy2DTask:
             sc_target=cfg.sc_target,
         )
 
-    def generator_loss(self, it: int, rng: torch.Generator, ema: nn.Module) -> tuple[Tensor, dict[str, float]]:
+    def generator_loss(self, it: int, rng: Rng, ema: nn.Module) -> tuple[Tensor, dict[str, float]]:
         if self.cfg.method == "cd":
-            x0 = self.gmm.sample(self.cfg.batch, rng)
+            x0 = self.gmm.sample(self.cfg.batch, rng.local)
             loss = consistency_distillation_loss(
-                as_flow(self.generator), as_flow(ema), self.teacher, x0, self.cd_grid, rng
+                as_flow(self.generator), as_flow(ema), self.teacher, x0, self.cd_grid, rng.local
             )
             return loss, {"loss_cd": loss.item(), "loss_gen": loss.item()}
-        return self.objective.generator_loss(rng, as_flow(ema), it)
+        return self.objective.generator_loss(rng.local, as_flow(ema), it, shared=rng.shared)
 
-    def critic_loss(self, it: int, rng: torch.Generator) -> tuple[Tensor, dict[str, float]]:
-        return self.objective.critic_loss(rng)
+    def critic_loss(self, it: int, rng: Rng) -> tuple[Tensor, dict[str, float]]:
+        return self.objective.critic_loss(rng.local, shared=rng.shared)
 
 
 def build_init(cfg: Toy2DConfig, gmm: GaussianMixture, teacher: FlowFn) -> nn.Module:

@@ -347,7 +347,8 @@ class WanModel(nn.Module):
         policy: MemoryPolicy | None = None,
         chunk_bounds: list[tuple[int, int]] | None = None,
         features: Iterable[int] = (),
-    ) -> Tensor | tuple[Tensor, dict[int, Tensor]]:
+        features_only: bool = False,
+    ) -> Tensor | tuple[Tensor, dict[int, Tensor]] | dict[int, Tensor]:
         """Flow prediction.
 
         Args:
@@ -360,9 +361,13 @@ class WanModel(nn.Module):
             policy, chunk_bounds: the mask of a causal forward without cache (default: full memory and
                 chunks of ``config.chunk_frames``).
             features: block indices whose output hidden states ``[B, L, d]`` are returned too.
+            features_only: stop after the last requested block and return only ``{block: hidden states}``
+                (the alignment's teacher pass needs nothing later).
         """
         cfg = self.config
         self._check_inputs(x, t, context)
+        if features_only and not set(features):
+            raise ValueError("features_only=True needs at least one block index in features")
         b, _, n_f, h, w = x.shape
         pt, ph, pw = cfg.patch_size
         fp, hp, wp = n_f // pt, h // ph, w // pw
@@ -401,6 +406,8 @@ class WanModel(nn.Module):
                 z = block(z, e0, c, rope, cache, mask)
             if i in wanted:
                 feats[i] = z.reshape(b, fp * hp * wp, cfg.dim)
+                if features_only and len(feats) == len(wanted):
+                    return feats
         out = self.head(z, e).float()  # [B, F', S, prod(patch) * C]
         out = out.reshape(b, fp, hp, wp, pt, ph, pw, cfg.out_dim)
         out = torch.einsum("bfhwpqrc->bcfphqwr", out).reshape(b, cfg.out_dim, n_f, h, w)
@@ -494,7 +501,8 @@ def load_checkpoint(model: WanModel, path: str | Path, *, strict: bool = True) -
     """Load official-layout or diffusers-layout Wan weights (single file, shards + index, or folder).
 
     Tensors are read one at a time from memory-mapped safetensors and copied into the model's parameters,
-    so no second full copy of the weights is materialised. Keys may carry the ComfyUI prefix
+    so no second full copy of the weights is materialised; into an FSDP2-sharded model each rank reads only
+    the rows of its own shard. Keys may carry the ComfyUI prefix
     ``model.diffusion_model.``. With ``strict`` a mismatch raises :class:`CheckpointKeyError` naming the
     missing keys, unexpected keys and differing shapes; otherwise they are returned.
     """
@@ -539,8 +547,24 @@ def load_checkpoint(model: WanModel, path: str | Path, *, strict: bool = True) -
                     target = params[name]
                     if target.is_meta:
                         raise ValueError(f"{name} is on the meta device: materialise the model (to_empty) first")
-                    target.copy_(sf.get_tensor(k).to(target.dtype))
+                    if hasattr(target, "to_local"):  # an FSDP2 shard: read only this rank's rows
+                        target.to_local().copy_(_local_rows(sf.get_slice(k), target).to(target.dtype))
+                    else:
+                        target.copy_(sf.get_tensor(k).to(target.dtype))
     return report
+
+
+def _local_rows(tensor_slice, dtensor) -> Tensor:
+    """This rank's dim-0 chunk of a stored tensor (FSDP2 ``Shard(0)``: ``torch.chunk`` rows), read lazily."""
+    from torch.distributed.tensor import Shard
+
+    if len(dtensor.placements) != 1 or not isinstance(dtensor.placements[0], Shard) or dtensor.placements[0].dim:
+        raise ValueError(f"only FSDP2's 1-D Shard(0) layout is supported, got {dtensor.placements}")
+    n_rows = tensor_slice.get_shape()[0]
+    world, rank = dtensor.device_mesh.size(), dtensor.device_mesh.get_local_rank()
+    per = -(-n_rows // world)  # ceil: torch.chunk's chunk size
+    start, stop = min(rank * per, n_rows), min((rank + 1) * per, n_rows)
+    return tensor_slice[start:stop]
 
 
 def _short(cfg: WanConfig) -> str:

@@ -1,0 +1,324 @@
+r"""``python -m salt_ref.train --scale full``: the Salt recipe on Wan 2.1 with FSDP2, through the shared loop.
+
+Launch with ``torchrun --nproc_per_node N -m salt_ref.train --scale full --student S --critic C --teacher T
+--prompts P``. Each rank holds a 1/N shard of every network (``fully_shard`` per block, then the root), computes
+in bf16 with fp32 master weights and fp32 gradient reduction, recomputes block activations in the backward
+(activation checkpointing), and accumulates ``total_batch / (N * batch_per_gpu)`` micro-batches per update.
+Checkpoints are sharded (``torch.distributed.checkpoint``) and resumable; rank 0 logs JSONL and shows tqdm.
+
+Memory per GPU for ``P`` trainable parameters sharded N ways (the plan ``--dry-run`` prints)::
+
+    weights fp32 4P/N  +  grads fp32 4P/N  +  AdamW (m, v) fp32 8P/N  +  EMA fp32 4P/N  (student only)
+    frozen teacher bf16 2P_T/N;  one unsharded bf16 block in flight (x2 with prefetch)
+    activations ~ per block the checkpointed input [B, L_chunk, d] bf16, plus the KV cache
+    2 * layers * frames * 1560 * d bf16 per model that keeps one
+
+Without CUDA only the ``tiny`` preset runs (the CPU proof of this code path, gloo backend); larger presets exit
+with a one-line message, and ``--dry-run`` builds all three models on the meta device and prints the plan.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from salt_ref.models.wan import WanConfig, WanModel, load_checkpoint
+from salt_ref.video_task import VIDEO_METHODS, EmbeddingPrompts, VideoDistillTask, VideoTaskConfig
+
+__all__ = ["add_arguments", "plan", "main"]
+
+RECIPE_ITERS = 600  # Self-Forcing: 600 iterations (< 2 h on 64 H100s)
+
+
+def _bool(s: str) -> bool:
+    if s.lower() in ("true", "1", "yes"):
+        return True
+    if s.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("models and data")
+    g.add_argument("--student", help="student init checkpoint (ODE-initialised causal Wan; .safetensors, index or dir)")
+    g.add_argument("--critic", help="critic init checkpoint (Wan2.1-T2V-1.3B)")
+    g.add_argument("--teacher", help="teacher checkpoint (Wan2.1-T2V-14B or 1.3B)")
+    g.add_argument(
+        "--prompts", help="precomputed text states: safetensors with 'context' [N,L,4096], 'negative' [L,4096]"
+    )
+    g.add_argument("--model", choices=["tiny", "1.3B"], default="1.3B", help="student and critic size")
+    g.add_argument("--teacher-model", choices=["tiny", "1.3B", "14B"], default="14B")
+    g = p.add_argument_group("recipe")
+    g.add_argument("--method", choices=list(VIDEO_METHODS), default="salt")
+    g.add_argument("--causal", type=_bool, default=True, help="false: bidirectional student (non-AR SC-DMD)")
+    g.add_argument("--memory", default="full", help="KV-cache policy: full, window:N, sink:S+window:N")
+    g.add_argument("--latent", default="16x21x60x104", help="latent C x F x H x W (480x832, 81 frames)")
+    g.add_argument("--chunk-frames", type=int, default=3)
+    g.add_argument("--cfg-scale", type=float, default=3.0)
+    g.add_argument("--align-start", type=int, default=1000)
+    g.add_argument("--align-block", type=int, default=20)
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--iters", type=int, default=RECIPE_ITERS)
+    g.add_argument("--total-batch", type=int, default=64)
+    g.add_argument("--batch-per-gpu", type=int, default=1)
+    g.add_argument("--lr-gen", type=float, default=2e-6)
+    g.add_argument("--lr-critic", type=float, default=4e-7)
+    g.add_argument("--critic-ratio", type=int, default=5)
+    g.add_argument("--ema-start", type=int, default=200)
+    g.add_argument("--ckpt-every", type=int, default=50)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--out", default="runs/full")
+    g.add_argument("--resume", action="store_true")
+    g.add_argument("--no-progress", action="store_true")
+    g = p.add_argument_group("running")
+    g.add_argument("--dry-run", action="store_true", help="build on the meta device, print the plan, exit 0")
+    g.add_argument("--gpus", type=int, default=None, help="GPU count for the --dry-run plan (default: world size)")
+    g.add_argument("--no-activation-checkpointing", action="store_true")
+
+
+def _latent(spec: str) -> tuple[int, int, int, int]:
+    try:
+        c, f, h, w = (int(v) for v in spec.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--latent must be CxFxHxW, got {spec!r}") from None
+    return c, f, h, w
+
+
+def _configs(args: argparse.Namespace) -> tuple[WanConfig, WanConfig, WanConfig]:
+    student = WanConfig.preset(args.model, causal=args.causal, chunk_frames=args.chunk_frames)
+    critic = WanConfig.preset(args.model)
+    teacher = WanConfig.preset(args.teacher_model)
+    return student, critic, teacher
+
+
+def _gib(n_bytes: float) -> str:
+    return f"{n_bytes / 2**30:,.2f} GiB"
+
+
+def plan(args: argparse.Namespace, world: int) -> str:
+    """The memory plan of a run, from a meta-device build (no weights are read)."""
+    s_cfg, c_cfg, t_cfg = _configs(args)
+    with torch.device("meta"):
+        counts = {
+            name: sum(p.numel() for p in WanModel(cfg).parameters())
+            for name, cfg in (("student", s_cfg), ("critic", c_cfg), ("teacher", t_cfg))
+        }
+    c, f, h, w = _latent(args.latent)
+    tokens_per_frame = (h // 2) * (w // 2)
+    chunk_tokens = args.chunk_frames * tokens_per_frame
+    accum = max(1, args.total_batch // (world * args.batch_per_gpu))
+    rows = []
+    per_gpu = {}
+    for name, n in counts.items():
+        trainable = name != "teacher"
+        weights = (4 if trainable else 2) * n / world
+        grads = 4 * n / world if trainable else 0
+        optim = 8 * n / world if trainable else 0
+        ema = 4 * n / world if name == "student" else 0
+        per_gpu[name] = weights + grads + optim + ema
+        rows.append(
+            f"| {name} | {n:,} | {_gib(weights)} | {_gib(grads)} | {_gib(optim)} | {_gib(ema)} | "
+            f"{_gib(per_gpu[name])} |"
+        )
+    d_s, d_t = s_cfg.dim, t_cfg.dim
+    block_bf16 = max(2 * (8 * d**2 + 2 * d * cfg.ffn_dim) for d, cfg in ((d_s, s_cfg), (d_t, t_cfg)))
+    kv = 2 * s_cfg.num_layers * f * tokens_per_frame * d_s * 2 * args.batch_per_gpu
+    n_chunks = -(-f // args.chunk_frames)
+    # every chunk's exit step carries gradient into the one DMD loss on the whole clip
+    act_student = n_chunks * s_cfg.num_layers * chunk_tokens * d_s * 2 * args.batch_per_gpu
+    clip_tokens = f * tokens_per_frame
+    # no-grad CFG pass: one block's hidden state and FFN intermediate at a time, for cond + neg
+    teacher_transient = 2 * args.batch_per_gpu * clip_tokens * (d_t + t_cfg.ffn_dim) * 2
+    # Salt's alignment backpropagates through teacher blocks 0..align_block into x0: checkpointed block inputs
+    align_acts = (args.align_block + 1) * args.batch_per_gpu * clip_tokens * d_t * 2 if args.method == "salt" else 0
+    total = sum(per_gpu.values()) + 2 * block_bf16 + kv * (2 if args.method == "salt" else 1)
+    lines = [
+        f"plan: {args.method} on Wan ({'causal' if args.causal else 'bidirectional'} student), {world} GPU(s)",
+        f"latent {c}x{f}x{h}x{w}: {tokens_per_frame} tokens/frame, chunks of {args.chunk_frames} frames "
+        f"({chunk_tokens} tokens); total batch {args.total_batch} = {world} GPUs x {args.batch_per_gpu} x "
+        f"{accum} accumulation steps",
+        "",
+        "| model | parameters | weights/GPU | grads/GPU | AdamW/GPU | EMA/GPU | total/GPU |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        *rows,
+        "",
+        f"unsharded block in flight (bf16, x2 with prefetch): {_gib(2 * block_bf16)}",
+        f"KV cache per rollout (bf16, {s_cfg.num_layers} layers x {f} frames): {_gib(kv)}"
+        + (" (x2: Salt's reference path keeps its own)" if args.method == "salt" else ""),
+        f"student backward, {n_chunks} chunks with checkpointing (block inputs, bf16): {_gib(act_student)}",
+        f"teacher CFG forward on the whole clip (no grad, one block at a time): ~{_gib(teacher_transient)}",
+        f"alignment backward through teacher blocks 0..{args.align_block} (checkpointed inputs): {_gib(align_acts)}",
+        f"estimated peak per GPU (sharded states + blocks in flight + caches + the larger transient): "
+        f"{_gib(total + max(teacher_transient, align_acts + act_student))}",
+    ]
+    return "\n".join(lines)
+
+
+def _shard(model: WanModel, mixed: bool) -> None:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed else None
+    kw = {"mp_policy": mp} if mp is not None else {}
+    for block in model.blocks:
+        fully_shard(block, **kw)
+    fully_shard(model, **kw)
+
+
+def _build(
+    cfg: WanConfig, path: str | None, device: torch.device, distributed: bool, mixed: bool, checkpointing: bool
+) -> WanModel:
+    with torch.device("meta"):
+        model = WanModel(cfg)
+    if distributed:
+        _shard(model, mixed)
+    model.to_empty(device=device)
+    if path is None:
+        raise ValueError("every model needs a checkpoint (--student, --critic, --teacher)")
+    load_checkpoint(model, path)
+    model.gradient_checkpointing = checkpointing
+    return model
+
+
+def _ema_factory(cfg: WanConfig, student: nn.Module, device: torch.device, distributed: bool, mixed: bool):
+    def make() -> nn.Module:
+        with torch.device("meta"):
+            ema = WanModel(cfg)
+        if distributed:
+            _shard(ema, mixed)
+        ema.to_empty(device=device)
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), student.parameters(), strict=True):
+                e.copy_(p)
+        return ema
+
+    return make
+
+
+def main(args: argparse.Namespace) -> int:
+    from salt_ref.loop import DCPCheckpointer, LoopConfig, NonFiniteLossError, train
+
+    if args.dry_run:
+        world = args.gpus or int(os.environ.get("WORLD_SIZE", 1))
+        print(plan(args, world))
+        return 0
+    cuda = torch.cuda.is_available()
+    if not cuda and args.model != "tiny":
+        print(
+            f"error: --scale full with the {args.model} model needs CUDA GPUs (launch with torchrun on a GPU "
+            "node); on this machine use --dry-run for the plan, or --model tiny --teacher-model tiny to run "
+            "this code path on the CPU",
+            file=sys.stderr,
+        )
+        return 2
+    missing = [n for n in ("student", "critic", "teacher", "prompts") if getattr(args, n) is None]
+    if missing:
+        print(f"error: --scale full needs {', '.join('--' + m for m in missing)}", file=sys.stderr)
+        return 2
+    distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+    if distributed and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if args.total_batch % (world * args.batch_per_gpu):
+        print(
+            f"error: --total-batch {args.total_batch} is not a multiple of {world} ranks x "
+            f"{args.batch_per_gpu} per GPU",
+            file=sys.stderr,
+        )
+        return 2
+    accum = args.total_batch // (world * args.batch_per_gpu)
+    try:
+        latent = _latent(args.latent)
+        task_cfg = VideoTaskConfig(
+            method=args.method,
+            latent=latent,
+            causal=args.causal,
+            chunk_frames=args.chunk_frames,
+            memory=args.memory,
+            cfg_scale=args.cfg_scale,
+            align_start=args.align_start,
+            align_block=args.align_block,
+            batch=args.batch_per_gpu,
+        )
+        s_cfg, c_cfg, t_cfg = _configs(args)
+        ckpt_flag = cuda and not args.no_activation_checkpointing
+        student = _build(s_cfg, args.student, device, distributed, cuda, ckpt_flag)
+        critic = _build(c_cfg, args.critic, device, distributed, cuda, ckpt_flag)
+        # the teacher checkpoints too: Salt's alignment backpropagates through its first blocks into x0
+        teacher = _build(t_cfg, args.teacher, device, distributed, cuda, ckpt_flag).requires_grad_(False)
+        prompts = EmbeddingPrompts(args.prompts, device=device)
+        if prompts.context.shape[-1] != s_cfg.text_dim:
+            raise ValueError(
+                f"prompt states have width {prompts.context.shape[-1]}, the model expects {s_cfg.text_dim}"
+            )
+        task = VideoDistillTask(
+            task_cfg,
+            student,
+            critic,
+            teacher,
+            prompts,
+            device=device,
+            autocast=torch.bfloat16 if cuda else None,
+            make_ema=_ema_factory(s_cfg, student, device, distributed, cuda),
+        )
+        loop_cfg = LoopConfig(
+            iters=args.iters,
+            critic_ratio=args.critic_ratio,
+            lr_gen=args.lr_gen,
+            lr_critic=args.lr_critic,
+            ema_start=args.ema_start,
+            accum_steps=accum,
+            ckpt_every=args.ckpt_every,
+            log_every=1,
+            seed=args.seed,
+        )
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    fingerprint = {
+        "task": task_cfg.to_dict(),
+        "student": s_cfg.to_dict(),
+        "teacher": t_cfg.to_dict(),
+        "loop": {k: v for k, v in loop_cfg.__dict__.items() if k not in ("iters", "accum_steps")},
+    }
+    out = Path(args.out)
+    try:
+        result = train(
+            task,
+            loop_cfg,
+            out,
+            fingerprint=fingerprint,
+            resume=args.resume,
+            progress=not args.no_progress,
+            checkpointer=DCPCheckpointer(out / "checkpoint"),
+        )
+    except NonFiniteLossError as e:
+        print(f"error: training diverged: {e}", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if distributed:
+            dist.destroy_process_group()
+    if rank == 0:
+        print(
+            json.dumps(
+                {
+                    "out": str(out),
+                    "iterations": result.iterations,
+                    "last": {k: round(v, 6) for k, v in result.last_logs.items() if math.isfinite(v)},
+                }
+            )
+        )
+    return 0
