@@ -31,8 +31,10 @@ def fixtures(tmp_path_factory):
         model = WanModel(WanConfig.preset("tiny"))
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, root / f"{name}.safetensors")
     g = torch.Generator().manual_seed(0)
-    save_file({"context": torch.randn(4, 8, 32, generator=g), "negative": torch.randn(6, 32, generator=g)},
-              root / "prompts.safetensors")
+    save_file(
+        {"context": torch.randn(4, 8, 32, generator=g), "negative": torch.randn(6, 32, generator=g)},
+        root / "prompts.safetensors",
+    )
     return root
 
 

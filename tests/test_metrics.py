@@ -252,7 +252,5 @@ def test_rollout_composition_defect_separates_straight_and_curved_flows():
     straight = rollout_composition_defect(point_mass_flow, noise, fine, coarse)
     assert math.isfinite(curved) and curved > 0.05
     assert straight < 1e-6
-    renoised = rollout_composition_defect(
-        ring8().flow, noise, fine, coarse, mode="renoise", generator=_gen(32)
-    )
+    renoised = rollout_composition_defect(ring8().flow, noise, fine, coarse, mode="renoise", generator=_gen(32))
     assert math.isfinite(renoised) and renoised > 0.05

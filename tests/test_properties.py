@@ -263,8 +263,9 @@ def test_ddim_composes_for_point_mass_data(seed, shape, levels):
         x0_hat = mu  # exact denoiser of a point mass for sigma > 0
         return (y - x0_hat) / sigma
 
-    assert_close(_ddim_jumps(point_mass_flow, x, [t, s]), _ddim_jumps(point_mass_flow, x, [t, u, s]),
-                 rtol=1e-9, atol=1e-9)
+    assert_close(
+        _ddim_jumps(point_mass_flow, x, [t, s]), _ddim_jumps(point_mass_flow, x, [t, u, s]), rtol=1e-9, atol=1e-9
+    )
 
 
 def _ddim_gain(t: float, s: float, c: float) -> float:
@@ -273,8 +274,13 @@ def _ddim_gain(t: float, s: float, c: float) -> float:
     return (a_s * a_t * c**2 + s * t) / (a_t**2 * c**2 + t**2)
 
 
-@given(seed=seeds, dim=st.integers(1, 3), c=st.floats(min_value=0.1, max_value=1.0), levels=three_levels,
-       r_norm=st.floats(min_value=0.5, max_value=3.0))
+@given(
+    seed=seeds,
+    dim=st.integers(1, 3),
+    c=st.floats(min_value=0.1, max_value=1.0),
+    levels=three_levels,
+    r_norm=st.floats(min_value=0.5, max_value=3.0),
+)
 def test_ddim_does_not_compose_for_data_with_spread(seed, dim, c, levels, r_norm):
     s, u, t = levels
     assume(t - u >= 0.05 and u - s >= 0.05)
@@ -293,8 +299,13 @@ def test_ddim_does_not_compose_for_data_with_spread(seed, dim, c, levels, r_norm
     assert_close(two, gaussian_flow_map(x, t, s, mu, c64), rtol=1e-10, atol=1e-10)
 
 
-@given(seed=seeds, c1=st.floats(min_value=0.1, max_value=1.0), c2=st.floats(min_value=0.1, max_value=1.0),
-       w=st.floats(min_value=0.2, max_value=0.8), levels=three_levels)
+@given(
+    seed=seeds,
+    c1=st.floats(min_value=0.1, max_value=1.0),
+    c2=st.floats(min_value=0.1, max_value=1.0),
+    w=st.floats(min_value=0.2, max_value=0.8),
+    levels=three_levels,
+)
 def test_ddim_does_not_compose_for_data_with_spread_mixture(seed, c1, c2, w, levels):
     s, u, t = levels
     assume(t - u >= 0.05 and u - s >= 0.05)
@@ -380,8 +391,13 @@ def test_sc_loss_gradient_reaches_v1_only(setup):
     assert_close(v1.grad, expected, rtol=1e-9, atol=1e-15)
 
 
-@given(seed=seeds, n_segments=st.sampled_from([1, 2, 4]), stride=st.integers(1, 3),
-       shift=st.floats(min_value=1.0, max_value=10.0), data=st.data())
+@given(
+    seed=seeds,
+    n_segments=st.sampled_from([1, 2, 4]),
+    stride=st.integers(1, 3),
+    shift=st.floats(min_value=1.0, max_value=10.0),
+    data=st.data(),
+)
 def test_sc_points_are_ordered_grid_points(seed, n_segments, stride, shift, data):
     n_fine = n_segments * stride
     fine = denoising_sigmas(n_fine, shift, dtype=F64)
@@ -498,11 +514,16 @@ def _linear_flow(dim: int, gen: torch.Generator):
     return net, flow_fn
 
 
-@given(seed=seeds, n_steps=st.integers(1, 6), shift=st.floats(min_value=1.0, max_value=6.0), mode=modes,
-       batch=st.integers(1, 4), dim=st.integers(1, 3), data=st.data())
-def test_rollout_to_exit_keeps_k_plus_1_states_and_grad_only_at_exit(
-    seed, n_steps, shift, mode, batch, dim, data
-):
+@given(
+    seed=seeds,
+    n_steps=st.integers(1, 6),
+    shift=st.floats(min_value=1.0, max_value=6.0),
+    mode=modes,
+    batch=st.integers(1, 4),
+    dim=st.integers(1, 3),
+    data=st.data(),
+)
+def test_rollout_to_exit_keeps_k_plus_1_states_and_grad_only_at_exit(seed, n_steps, shift, mode, batch, dim, data):
     gen = _gen(seed)
     net, flow_fn = _linear_flow(dim, gen)
     sigmas = denoising_sigmas(n_steps, shift, dtype=F64)
@@ -526,8 +547,14 @@ def test_rollout_to_exit_keeps_k_plus_1_states_and_grad_only_at_exit(
     assert_close(frozen.x0, out.x0.detach(), rtol=0.0, atol=0.0)
 
 
-@given(seed=seeds, n_steps=st.integers(1, 6), shift=st.floats(min_value=1.0, max_value=6.0), mode=modes,
-       batch=st.integers(1, 4), dim=st.integers(1, 3))
+@given(
+    seed=seeds,
+    n_steps=st.integers(1, 6),
+    shift=st.floats(min_value=1.0, max_value=6.0),
+    mode=modes,
+    batch=st.integers(1, 4),
+    dim=st.integers(1, 3),
+)
 def test_full_rollout_ends_with_the_last_update(seed, n_steps, shift, mode, batch, dim):
     gen = _gen(seed)
     _, flow_fn = _linear_flow(dim, gen)
@@ -538,13 +565,15 @@ def test_full_rollout_ends_with_the_last_update(seed, n_steps, shift, mode, batc
         out = rollout(flow_fn, x, sigmas, mode=mode, generator=_gen(seed + 1))
         assert len(out.states) == n_steps and out.exit_index == n_steps - 1
         assert float(sigmas[-1]) == 0.0
-        last = update(out.x_exit, out.sigma_exit, float(sigmas[-1]), out.v_exit, mode=mode,
-                      noise=_randn((batch, dim), gen))
+        last = update(
+            out.x_exit, out.sigma_exit, float(sigmas[-1]), out.v_exit, mode=mode, noise=_randn((batch, dim), gen)
+        )
         assert_close(last, out.x0, rtol=1e-12, atol=1e-12)
         if mode == "ddim":  # every intermediate state is the DDIM update of the one before
             for j in range(n_steps - 1):
                 v = flow_fn(out.states[j], sigmas[j].expand(batch))
-                assert_close(out.states[j + 1], ddim_update(out.states[j], sigmas[j], sigmas[j + 1], v),
-                             rtol=1e-12, atol=1e-12)
+                assert_close(
+                    out.states[j + 1], ddim_update(out.states[j], sigmas[j], sigmas[j + 1], v), rtol=1e-12, atol=1e-12
+                )
         sampled = sample(flow_fn, x, sigmas, mode=mode, generator=_gen(seed + 1))
         assert_close(sampled, out.x0, rtol=0.0, atol=0.0)
