@@ -141,9 +141,11 @@ class DMDObjective:
         shared = shared or generator
         n, sigmas, k = self.step_lists.draw(shared)
         on_exit, sigma_e = None, 0.0
-        if self.sc_weight > 0 and n == self.sc_fine_steps:
+        if n == self.sc_fine_steps:
+            # drawn even when the SC term is off, so DMD and SC-DMD runs with one seed see the same lists,
+            # exits and noise (common random numbers): their difference is the loss, not the luck of the draw
             points = sc_dmd.sc_points(sigmas, k, generator=shared)
-            if points is not None:
+            if points is not None and self.sc_weight > 0:
                 sigma_e, sigma_m = points
                 use_ema = self.sc_target == "ema" and ema_flow is not None
 

@@ -167,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     make_plot(per_seed, out / "bench.png", methods=shown)
     print(header + table)
     print(f"\nwrote {out / 'table.md'}, {out / 'results.json'}, {out / 'bench.png'}")
-    return 0 if all(math.isfinite(r["sc-dmd"]["4"]["energy"]) for r in per_seed) else 1
+    finite = all(math.isfinite(r[m][str(k)]["energy"]) for r in per_seed for m in methods for k in (1, 2, 4))
+    return 0 if finite else 1
 
 
 if __name__ == "__main__":
