@@ -103,3 +103,17 @@ def test_large_model_without_cuda_is_one_line_and_exit_2(capsys):
 def test_missing_inputs_are_named(capsys):
     assert main(["--scale", "full", "--model", "tiny", "--teacher-model", "tiny"]) == 2
     assert "--student, --critic, --teacher, --prompts" in capsys.readouterr().err
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = WanModel(WanConfig.preset("tiny", causal=True, num_layers=2)).double()
+    x, t, ctx = torch.randn(1, 3, 4, 8, 8).double(), torch.tensor([500.0]).double(), torch.randn(1, 8, 32).double()
+    grads = []
+    for flag in (False, True):
+        model.zero_grad()
+        model.gradient_checkpointing = flag
+        model(x, t, ctx).pow(2).mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
