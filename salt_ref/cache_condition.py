@@ -90,11 +90,18 @@ def chunked_rollout(
     b, _, n_f, h, w = noise.shape
     bounds = chunk_bounds(n_f, chunk_frames)
     k_exit = sigmas.numel() - 2 if exit_index is None else exit_index
-    cache = model.new_cache(policy, batch=b, frames_hw=(h, w), max_frames=n_f, rope=rope, device=noise.device)
+    # under autocast the keys are computed in the autocast dtype (bf16 at scale): store them so, not in fp32
+    amp = noise.device.type
+    dtype = torch.get_autocast_dtype(amp) if torch.is_autocast_enabled(amp) else None
+    cache = model.new_cache(
+        policy, batch=b, frames_hw=(h, w), max_frames=n_f, rope=rope, device=noise.device, dtype=dtype
+    )
     ref_cache: list[KVCache] | None = None
     k_ref = None
     if reference_sigmas is not None:
-        ref_cache = model.new_cache(policy, batch=b, frames_hw=(h, w), max_frames=n_f, rope=rope, device=noise.device)
+        ref_cache = model.new_cache(
+            policy, batch=b, frames_hw=(h, w), max_frames=n_f, rope=rope, device=noise.device, dtype=dtype
+        )
         k_ref = reference_exit_index(reference_sigmas, float(sigmas[k_exit]))
 
     def flow_on(kv: list[KVCache], start: int):

@@ -1,0 +1,95 @@
+"""Chunk-wise rollouts through the KV cache, the high-quality reference path, and the alignment loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from salt_ref.cache_condition import chunked_rollout, reference_exit_index
+from salt_ref.feature_align import alignment_loss, token_relation_loss
+from salt_ref.models.wan import WanConfig, WanModel
+from salt_ref.schedule import denoising_sigmas
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    return WanModel(WanConfig.preset("tiny", causal=True, num_layers=2, chunk_frames=2)).double()
+
+
+def _inputs(seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 3, 6, 8, 8, generator=g).double(), torch.randn(2, 8, 32, generator=g).double()
+
+
+def test_reference_path_on_the_same_grid_reproduces_the_student(model):
+    noise, ctx = _inputs()
+    sigmas = denoising_sigmas(2, 5.0).double()
+    ro = chunked_rollout(model, noise, sigmas, ctx, chunk_frames=2, exit_index=1, mode="ddim", reference_sigmas=sigmas)
+    # same chunk noise, same steps, its own cache written by identical outputs: identical results
+    torch.testing.assert_close(ro.x0_ref, ro.x0.detach(), rtol=0, atol=1e-10)
+    assert ro.x0.requires_grad and not ro.x0_ref.requires_grad
+    assert ro.chunks == [(0, 2), (2, 4), (4, 6)]
+
+
+def test_reference_path_on_the_finer_grid_differs_and_stops_at_the_exit_level(model):
+    noise, ctx = _inputs()
+    coarse, fine = denoising_sigmas(2, 5.0).double(), denoising_sigmas(4, 5.0).double()
+    assert reference_exit_index(fine, float(coarse[1])) == 2  # 1 -> .9375 -> .8333: 3 evaluations
+    ro = chunked_rollout(model, noise, coarse, ctx, chunk_frames=2, exit_index=1, mode="ddim", reference_sigmas=fine)
+    assert ro.x0_ref.shape == ro.x0.shape
+    assert (ro.x0_ref - ro.x0.detach()).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="not on the reference grid"):
+        reference_exit_index(denoising_sigmas(8, 1.0), 0.8333)
+
+
+def test_only_exit_steps_carry_gradient_and_cache_is_detached(model):
+    noise, ctx = _inputs()
+    ro = chunked_rollout(model, noise, denoising_sigmas(4, 5.0).double(), ctx, chunk_frames=2, exit_index=2)
+    assert ro.x0.requires_grad and ro.v_exit.requires_grad
+    assert all(not s.requires_grad for s in ro.states)
+    ro.x0.pow(2).mean().backward()  # a detached cache: no in-place error across chunks
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_on_exit_runs_per_chunk_with_that_chunks_cache(model):
+    noise, ctx = _inputs()
+    seen = []
+
+    def on_exit(flow, x, sigma, v):
+        seen.append(x.shape[2])
+        return flow(x, sigma)  # evaluated through the chunk's cache: equals v at the exit state
+
+    ro = chunked_rollout(
+        model, noise, denoising_sigmas(2, 5.0).double(), ctx, chunk_frames=2, exit_index=1, on_exit=on_exit
+    )
+    assert seen == [2, 2, 2]
+    torch.testing.assert_close(ro.exit_extra, ro.v_exit.detach(), rtol=0, atol=1e-10)
+
+
+def test_token_relation_loss_zero_under_margin_positive_above():
+    g = torch.Generator().manual_seed(0)
+    feat = torch.randn(2, 3 * 4, 8, generator=g, dtype=torch.float64)
+    assert token_relation_loss(feat, feat.clone(), frames=3) == 0
+    assert token_relation_loss(feat, 5.0 * feat, frames=3) == 0  # per-token scale leaves relations unchanged
+    near = feat + 1e-3 * torch.randn(feat.shape, generator=g, dtype=torch.float64)
+    assert token_relation_loss(feat, near, frames=3) == 0  # differences below the margin cost nothing
+    far = torch.randn(feat.shape, generator=g, dtype=torch.float64)
+    assert token_relation_loss(feat, far, frames=3) > 0.05
+    with pytest.raises(ValueError, match="frames"):
+        token_relation_loss(feat, feat, frames=5)
+
+
+def test_alignment_gradient_reaches_only_the_student_output():
+    g = torch.Generator().manual_seed(0)
+    net = torch.nn.Linear(3, 6).double()
+
+    def feature_fn(x, sigma):  # [B, C, F, H, W] -> [B, F*H*W, 6]
+        return net(x.flatten(2).transpose(1, 2))
+
+    x0 = torch.randn(2, 3, 2, 2, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    x0_ref = torch.randn(2, 3, 2, 2, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    loss = alignment_loss(feature_fn, x0, x0_ref, frames=2, generator=g)
+    loss.backward()
+    assert loss > 0 and x0.grad.abs().sum() > 0 and x0_ref.grad is None
