@@ -17,6 +17,7 @@ Shapes: ``noise [B, C, F, H, W]``; chunks split ``F``; ``context [B, L, D_text]`
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +50,7 @@ class ChunkedRollout(Rollout):
     """A :class:`~salt_ref.updates.Rollout` over chunks: every tensor is the chunks' concatenated along ``F``."""
 
     chunks: list[tuple[int, int]] | None = None
+    chunk_seconds: list[float] | None = None  # wall time per chunk (its rollout, reference path and context pass)
 
 
 def _cat(parts: list[Tensor | None]) -> Tensor | None:
@@ -115,7 +117,9 @@ def chunked_rollout(
 
     per_chunk: list[Rollout] = []
     refs: list[Tensor] = []
+    seconds: list[float] = []
     for s, e in bounds:
+        t0 = time.perf_counter()
         ro = rollout(
             flow_on(cache, s),
             noise[:, :, s:e],
@@ -141,6 +145,7 @@ def chunked_rollout(
                 )
             refs.append(ref.x0)
             write(ref_cache, ref.x0, s)
+        seconds.append(time.perf_counter() - t0)
     steps = range(k_exit + 1)
     return ChunkedRollout(
         states=[torch.cat([ro.states[i] for ro in per_chunk], dim=2) for i in steps],
@@ -151,4 +156,5 @@ def chunked_rollout(
         exit_extra=_cat([ro.exit_extra for ro in per_chunk]),
         x0_ref=torch.cat(refs, dim=2) if refs else None,
         chunks=bounds,
+        chunk_seconds=seconds,
     )

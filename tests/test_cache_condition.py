@@ -93,3 +93,24 @@ def test_alignment_gradient_reaches_only_the_student_output():
     loss = alignment_loss(feature_fn, x0, x0_ref, frames=2, generator=g)
     loss.backward()
     assert loss > 0 and x0.grad.abs().sum() > 0 and x0_ref.grad is None
+
+
+def test_generate_runs_past_the_trained_length_with_flat_memory():
+    from salt_ref.sample import generate
+
+    torch.manual_seed(0)
+    model = WanModel(WanConfig.preset("tiny", causal=True, num_layers=2, chunk_frames=2, rope_max_len=8))
+    ctx = torch.randn(1, 8, 32)
+    video, seconds = generate(
+        model,
+        ctx,
+        frames=16,
+        size=(8, 8),
+        memory="window:4",
+        rope="relative",
+        generator=torch.Generator().manual_seed(0),
+        return_times=True,
+    )
+    assert video.shape == (1, 3, 16, 8, 8) and torch.isfinite(video).all() and len(seconds) == 8
+    with pytest.raises(ValueError, match="RoPE table"):
+        generate(model, ctx, frames=16, size=(8, 8), memory="window:4", rope="absolute")
