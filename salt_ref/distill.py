@@ -155,7 +155,9 @@ class DMDObjective:
         align = (
             self.align is not None and it >= self.align.start and (n, k) == (self.align.steps, self.align.exit_index)
         )
-        extra = {"reference_sigmas": self.step_lists.lists[self.align.reference_steps]} if align else {}
+        extra = (
+            {"reference_sigmas": denoising_sigmas(self.align.reference_steps, self.step_lists.shift)} if align else {}
+        )
         ro = self.rollout_fn(
             self.noise_fn(generator), sigmas, exit_index=k, generator=generator, on_exit=on_exit, **extra
         )

@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output .gif or .mp4 (default: <run>/sample.gif)")
     args = p.parse_args(argv)
-    from toy.setup_video import load_run, save_video
+    from toy.setup_video import load_run
+    from toy.video_world import save_video
 
     try:
         model, cfg, prompts = load_run(Path(args.run))

@@ -1,6 +1,8 @@
-"""Command line: ``python -m salt_ref.train --scale {toy,full} ...`` (``--scale S --help`` lists a scale's flags).
+"""Command line: ``python -m salt_ref.train --scale {toy,small,full} ...`` (``--scale S --help``: its flags).
 
 - ``toy``: 2D Gaussian mixtures, ``[--method dmd|sc-dmd|cd] [--target ring8|grid25|mix.json]``;
+- ``small``: the procedural video world with tiny Wan models, ``[--method self-forcing|sc-dmd|salt]
+  [--memory full|window:N|sink:S+window:N]`` (teacher and student init are trained once and cached);
 - ``full``: the Salt recipe on Wan 2.1 under ``torchrun`` with FSDP2 (``salt_ref.full``).
 
 Every scale runs through the same loop (``salt_ref.loop.train``); this file only turns flags into a setup.
@@ -29,7 +31,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
-SCALES = ("toy", "full")
+SCALES = ("toy", "small", "full")
 
 
 def _scale_parser() -> argparse.ArgumentParser:
@@ -48,12 +50,15 @@ def build_parser(scale: str = "toy") -> argparse.ArgumentParser:
         "--scale",
         choices=SCALES,
         default="toy",
-        help="toy: 2D mixtures on the CPU; full: Wan 2.1 with FSDP2 under torchrun",
+        help="toy: 2D mixtures; small: the toy video world (CPU); full: Wan 2.1 with FSDP2 under torchrun",
     )
     if scale == "full":
         from salt_ref.full import add_arguments
 
         add_arguments(p)
+        return p
+    if scale == "small":
+        _small_arguments(p)
         return p
     p.add_argument("--method", choices=["dmd", "sc-dmd", "cd"], default="sc-dmd")
     p.add_argument("--target", default="ring8", help="ring8, grid25, or a .json mixture {means, stds, weights}")
@@ -174,6 +179,72 @@ def _run_toy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _small_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", choices=["self-forcing", "sc-dmd", "salt"], default="salt")
+    p.add_argument("--memory", default="full", help="KV cache: full, window:N or sink:S+window:N (frames)")
+    p.add_argument("--rope", choices=["absolute", "relative"], default="absolute")
+    p.add_argument("--iters", type=int, default=150, help="generator iterations of the distillation")
+    p.add_argument("--teacher-iters", type=int, default=1000, help="flow-matching steps of the (cached) teacher")
+    p.add_argument("--ode-iters", type=int, default=300, help="ODE-regression steps of the (cached) student init")
+    p.add_argument("--lr-gen", type=float, default=1e-4)
+    p.add_argument("--lr-critic", type=float, default=2e-4)
+    p.add_argument("--critic-ratio", type=int, default=5)
+    p.add_argument("--align-start", type=int, default=0, help="iteration from which Salt's alignment is on")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="output directory (default runs/small-<method>-<memory>-s<seed>)")
+    p.add_argument("--cache", default="runs/cache", help="where the teacher and the student init are cached")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--ckpt-every", type=int, default=25)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _run_small(args: argparse.Namespace) -> int:
+    import torch
+
+    from salt_ref.checkpoint import CheckpointMismatchError
+    from salt_ref.kv_cache import MemoryPolicy
+    from salt_ref.loop import LoopConfig, NonFiniteLossError
+    from toy.setup_video import SmallVideoConfig, run
+
+    try:
+        MemoryPolicy.parse(args.memory)
+        cfg = SmallVideoConfig(
+            method=args.method,
+            memory=args.memory,
+            rope=args.rope,
+            teacher_iters=args.teacher_iters,
+            ode_iters=args.ode_iters,
+            align_start=args.align_start,
+            seed=args.seed,
+        )
+        loop_cfg = LoopConfig(
+            iters=args.iters,
+            critic_ratio=args.critic_ratio,
+            lr_gen=args.lr_gen,
+            lr_critic=args.lr_critic,
+            ema_start=min(50, args.iters // 4),
+            ckpt_every=args.ckpt_every,
+            log_every=1,
+            seed=args.seed,
+        )
+    except ValueError as e:
+        return _fail(str(e))
+    out = Path(args.out or f"runs/small-{args.method}-{args.memory.replace(':', '').replace('+', '_')}-s{args.seed}")
+    if (msg := _writable_dir(out)) is not None:
+        return _fail(msg)
+    torch.set_num_threads(2)
+    t0 = time.perf_counter()
+    try:
+        final = run(cfg, loop_cfg, out, resume=args.resume, progress=not args.no_progress, cache_dir=Path(args.cache))
+    except (CheckpointMismatchError, FileNotFoundError) as e:
+        return _fail(str(e))
+    except NonFiniteLossError as e:
+        return _fail(f"training diverged: {e}", code=1)
+    summary = {h: {k: round(v, 4) for k, v in m.items()} for h, m in final["metrics"].items()}
+    print(json.dumps({"out": str(out), "seconds": round(time.perf_counter() - t0, 1), "metrics": summary}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     scale = _scale_parser().parse_known_args(argv)[0].scale
     args = build_parser(scale).parse_args(argv)
@@ -181,6 +252,10 @@ def main(argv: list[str] | None = None) -> int:
         from salt_ref import full
 
         return full.main(args)
+    if args.iters < 0:
+        return _fail(f"--iters must be >= 0, got {args.iters}")
+    if scale == "small":
+        return _run_small(args)
     if args.iters < 0:
         return _fail(f"--iters must be >= 0, got {args.iters}")
     if args.ckpt_every < 1:

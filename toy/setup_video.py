@@ -1,0 +1,314 @@
+r"""The small video setup: Salt in miniature on the procedural video world, a tiny Wan at every role.
+
+Pipeline (each stage through the shared loop, each cached on disk and reused when present)::
+
+    teacher  bidirectional tiny WanModel, flow matching on world clips with CFG dropout     (salt_ref.pretrain)
+    init     causal tiny WanModel regressed on the teacher's CFG ODE trajectories (ODE init)
+    distil   self-forcing | sc-dmd | salt over chunk-wise rollouts through the KV cache  (salt_ref.video_task)
+
+The class label stands in for the prompt: its embedding (``toy.video_world.class_embedding``) is the text state
+``[B, L, D]`` and ``null_embedding`` is the unconditional branch of CFG. Clips are ``[B, 3, F, H, W]`` in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from salt_ref import checkpoint as ckpt
+from salt_ref.loop import LoopConfig, train
+from salt_ref.models.wan import WanConfig, WanModel
+from salt_ref.pretrain import FlowMatchingTask, ODERegressionTask, teacher_trajectories
+from salt_ref.schedule import denoising_sigmas
+from salt_ref.video_task import VideoDistillTask, VideoTaskConfig
+from toy import video_world as vw
+
+__all__ = [
+    "SmallVideoConfig",
+    "ClassPrompts",
+    "model_config",
+    "get_teacher",
+    "get_student_init",
+    "build_task",
+    "run",
+    "load_run",
+    "evaluate_student",
+]
+
+
+@dataclass
+class SmallVideoConfig:
+    """The small-scale recipe: world, model size, and the budgets of the three stages."""
+
+    method: str = "salt"
+    memory: str = "full"
+    rope: str = "absolute"
+    frames: int = 8
+    size: int = 16
+    chunk_frames: int = 2
+    dim: int = 128
+    layers: int = 4
+    heads: int = 4
+    teacher_iters: int = 1000
+    teacher_batch: int = 8
+    teacher_lr: float = 3e-4
+    ode_pairs: int = 64
+    ode_iters: int = 300
+    cfg_scale: float = 3.0
+    align_start: int = 0
+    align_block: int = 2
+    seed: int = 0
+    world: dict = field(default_factory=dict)
+
+    def world_config(self) -> vw.VideoWorldConfig:
+        return vw.VideoWorldConfig(frames=self.frames, size=self.size, **self.world)
+
+    def teacher_key(self) -> str:
+        keys = ("frames", "size", "dim", "layers", "heads", "teacher_iters", "teacher_batch", "teacher_lr", "world")
+        blob = json.dumps({k: asdict(self)[k] for k in keys}, sort_keys=True)
+        return hashlib.sha1(blob.encode()).hexdigest()[:10]
+
+    def init_key(self) -> str:
+        keys = ("chunk_frames", "ode_pairs", "ode_iters", "cfg_scale")
+        blob = json.dumps({k: asdict(self)[k] for k in keys}, sort_keys=True)
+        return self.teacher_key() + "-" + hashlib.sha1(blob.encode()).hexdigest()[:10]
+
+
+def model_config(cfg: SmallVideoConfig, *, causal: bool) -> WanConfig:
+    """The tiny Wan of every role (the ``tiny`` preset resized by ``cfg``)."""
+    return WanConfig.preset(
+        "tiny",
+        dim=cfg.dim,
+        ffn_dim=4 * cfg.dim,
+        num_heads=cfg.heads,
+        num_layers=cfg.layers,
+        causal=causal,
+        chunk_frames=cfg.chunk_frames,
+    )
+
+
+class ClassPrompts:
+    """``PromptSource`` of the video world: class-label embeddings, and the null embedding for CFG."""
+
+    def __init__(self, world: vw.VideoWorldConfig, text_len: int, text_dim: int):
+        self.world, self.text_len, self.text_dim = world, text_len, text_dim
+
+    def embed(self, labels: Tensor) -> Tensor:
+        return vw.class_embedding(labels, self.text_dim, self.text_len)
+
+    def null(self, batch: int) -> Tensor:
+        return vw.null_embedding(self.text_dim, self.text_len)[None].expand(batch, -1, -1)
+
+    def sample(self, batch: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        labels = torch.randint(self.world.n_classes, (batch,), generator=generator)
+        return self.embed(labels), self.null(batch)
+
+
+def _load_module(path: Path, model: torch.nn.Module, prefix: str = "ema") -> torch.nn.Module:
+    tensors, _ = ckpt.load_state(path)
+    ckpt.load_module_tensors(prefix, model, tensors)
+    return model
+
+
+def get_teacher(cfg: SmallVideoConfig, cache_dir: Path, *, progress: bool = True) -> WanModel:
+    """The flow-matching teacher (EMA weights), trained once and cached under ``cache_dir``."""
+    world = cfg.world_config()
+    mcfg = model_config(cfg, causal=False)
+    prompts = ClassPrompts(world, mcfg.text_len, mcfg.text_dim)
+    run_dir = cache_dir / f"teacher-{cfg.teacher_key()}"
+    torch.manual_seed(cfg.seed)
+    model = WanModel(mcfg)
+    done = run_dir / "checkpoint.safetensors"
+    if not (done.exists() and ckpt.read_header(done)["iteration"] >= cfg.teacher_iters):
+
+        def batch_fn(g: torch.Generator):
+            video, labels, _ = vw.sample(cfg.teacher_batch, g, config=world)
+            return video, prompts.embed(labels), prompts.null(cfg.teacher_batch)
+
+        loop = LoopConfig(
+            iters=cfg.teacher_iters,
+            critic_ratio=0,
+            lr_gen=cfg.teacher_lr,
+            betas=(0.9, 0.99),
+            weight_decay=0.0,
+            grad_clip=1.0,
+            ema_decay=0.995,
+            ema_start=100,
+            ckpt_every=100,
+            log_every=10,
+            seed=cfg.seed,
+        )
+        train(FlowMatchingTask(model, batch_fn), loop, run_dir, resume=done.exists(), progress=progress)
+    return _load_module(done, WanModel(mcfg)).requires_grad_(False)
+
+
+def get_student_init(cfg: SmallVideoConfig, teacher: WanModel, cache_dir: Path, *, progress: bool = True) -> WanModel:
+    """The causal student after ODE regression on the teacher's CFG trajectories (cached)."""
+    mcfg = model_config(cfg, causal=True)
+    run_dir = cache_dir / f"init-{cfg.init_key()}"
+    done = run_dir / "checkpoint.safetensors"
+    if not (done.exists() and ckpt.read_header(done)["iteration"] >= cfg.ode_iters):
+        world = cfg.world_config()
+        prompts = ClassPrompts(world, mcfg.text_len, mcfg.text_dim)
+        g = torch.Generator().manual_seed(cfg.seed + 1)
+        labels = torch.arange(cfg.ode_pairs) % world.n_classes
+        noise = torch.randn(cfg.ode_pairs, mcfg.in_dim, cfg.frames, cfg.size, cfg.size, generator=g)
+        pairs = teacher_trajectories(
+            teacher,
+            noise,
+            prompts.embed(labels),
+            prompts.null(cfg.ode_pairs),
+            denoising_sigmas(16, 5.0),
+            denoising_sigmas(8, 5.0),
+            cfg_scale=cfg.cfg_scale,
+        )
+        student = WanModel(mcfg)
+        student.load_state_dict({k: v for k, v in teacher.state_dict().items()})  # same weights, causal mask
+        loop = LoopConfig(
+            iters=cfg.ode_iters,
+            critic_ratio=0,
+            lr_gen=1e-4,
+            betas=(0.9, 0.99),
+            weight_decay=0.0,
+            grad_clip=1.0,
+            ema_start=10**9,
+            ckpt_every=100,
+            log_every=10,
+            seed=cfg.seed,
+        )
+        task = ODERegressionTask(student.requires_grad_(True), pairs, batch=8, chunk_frames=cfg.chunk_frames)
+        train(task, loop, run_dir, resume=done.exists(), progress=progress)
+    return _load_module(done, WanModel(mcfg), prefix="generator")
+
+
+def build_task(cfg: SmallVideoConfig, teacher: WanModel, init: WanModel) -> VideoDistillTask:
+    """Student from the ODE init, critic and teacher from the flow-matching teacher."""
+    world = cfg.world_config()
+    mcfg = model_config(cfg, causal=True)
+    task_cfg = VideoTaskConfig(
+        method=cfg.method,
+        latent=(mcfg.in_dim, cfg.frames, cfg.size, cfg.size),
+        chunk_frames=cfg.chunk_frames,
+        memory=cfg.memory,
+        rope=cfg.rope,
+        cfg_scale=cfg.cfg_scale,
+        align_start=cfg.align_start,
+        align_block=cfg.align_block,
+        batch=4,
+    )
+    critic = copy.deepcopy(teacher).requires_grad_(True)
+    prompts = ClassPrompts(world, mcfg.text_len, mcfg.text_dim)
+    return VideoDistillTask(task_cfg, copy.deepcopy(init).requires_grad_(True), critic, teacher, prompts)
+
+
+CACHE_DIR = Path("runs/cache")
+HORIZONS = (1, 2, 4)
+
+
+def evaluate_student(
+    student: WanModel,
+    cfg: SmallVideoConfig,
+    *,
+    n_per_class: int = 4,
+    memory: str | None = None,
+    rope: str | None = None,
+    horizons: tuple[int, ...] = HORIZONS,
+    steps: int = 4,
+    seed: int = 1234,
+) -> tuple[dict[str, dict[str, float]], dict[int, Tensor], Tensor]:
+    """Metrics at each horizon (x the trained length), the videos, and the drift curve of the longest."""
+    from salt_ref.sample import generate
+    from toy import video_metrics as vm
+
+    world = cfg.world_config()
+    mcfg = student.config
+    prompts = ClassPrompts(world, mcfg.text_len, mcfg.text_dim)
+    labels = torch.arange(world.n_classes).repeat_interleave(n_per_class)
+    results, videos = {}, {}
+    for h in horizons:
+        frames = h * cfg.frames
+        g = torch.Generator().manual_seed(seed)
+        video = generate(
+            student,
+            prompts.embed(labels),
+            frames=frames,
+            size=(cfg.size, cfg.size),
+            steps=steps,
+            memory=memory or cfg.memory,
+            rope=rope or cfg.rope,
+            generator=g,
+        )
+        ref, _, _ = vw.sample(
+            len(labels), torch.Generator().manual_seed(seed + 1), config=world, frames=frames, label=labels
+        )
+        results[f"{h}x"] = vm.evaluate_video(video, labels, ref)
+        videos[h] = video
+    return results, videos, vm.drift_curve(videos[max(horizons)])
+
+
+def run(
+    cfg: SmallVideoConfig,
+    loop_cfg: LoopConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    cache_dir: Path = CACHE_DIR,
+) -> dict:
+    """Teacher and init (cached), distillation through the loop, then metrics, videos and plots."""
+    from salt_ref.plots import plot_losses
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    teacher = get_teacher(cfg, cache_dir, progress=progress)
+    init = get_student_init(cfg, teacher, cache_dir, progress=progress)
+    task = build_task(cfg, teacher, init)
+    (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    fingerprint = {"small": asdict(cfg), "loop": {k: v for k, v in asdict(loop_cfg).items() if k != "iters"}}
+    result = train(task, loop_cfg, out_dir, fingerprint=fingerprint, resume=resume, progress=progress)
+    metrics, videos, drift = evaluate_student(result.ema.eval(), cfg)
+    final = {
+        "iterations": result.iterations,
+        "method": cfg.method,
+        "memory": cfg.memory,
+        "metrics": metrics,
+        "drift": drift.tolist(),
+    }
+    (out_dir / "final_metrics.json").write_text(json.dumps(final, indent=1))
+    for h, video in videos.items():
+        vw.save_video(video, out_dir / f"samples_{h}x.gif")
+    plot_losses(out_dir / "metrics.jsonl", out_dir / "loss.png")
+    _plot_drift(drift, cfg.frames, out_dir / "drift.png")
+    return final
+
+
+def _plot_drift(drift: Tensor, trained: int, out_png: Path) -> None:
+    from salt_ref.plots import plt
+
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot(range(len(drift)), drift.numpy(), marker=".")
+    ax.axvline(trained - 0.5, ls="--", c="gray", label="trained length")
+    ax.set_xlabel("frame")
+    ax.set_ylabel("fidelity (re-render MSE)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+
+
+def load_run(run_dir: Path) -> tuple[WanModel, SmallVideoConfig, ClassPrompts]:
+    """The EMA student of a small-scale run, its config and its prompts (for ``python -m salt_ref.sample``)."""
+    cfg_path, ckpt_path = run_dir / "config.json", run_dir / "checkpoint.safetensors"
+    for path in (cfg_path, ckpt_path):
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing: is {run_dir} a small-scale run directory?")
+    cfg = SmallVideoConfig(**json.loads(cfg_path.read_text()))
+    mcfg = model_config(cfg, causal=True)
+    model = _load_module(ckpt_path, WanModel(mcfg)).eval()
+    return model, cfg, ClassPrompts(cfg.world_config(), mcfg.text_len, mcfg.text_dim)
