@@ -19,9 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from salt_ref.cache_condition import chunked_rollout
-from salt_ref.schedule import denoising_sigmas
+from salt_ref.schedule import denoising_sigmas, randn_like
 
-__all__ = ["generate", "main"]
+__all__ = ["generate", "generate_without_cache", "main"]
 
 
 @torch.no_grad()
@@ -58,6 +58,40 @@ def generate(
         grad_exit=False,
     )
     return (ro.x0, ro.chunk_seconds) if return_times else ro.x0
+
+
+@torch.no_grad()
+def generate_without_cache(
+    model: nn.Module,
+    context: Tensor,
+    *,
+    frames: int,
+    size: tuple[int, int],
+    steps: int = 4,
+    shift: float = 5.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """The reference that the cache speeds up: every step of chunk ``c`` re-runs the whole prefix (earlier chunks
+    clean at ``t = 0``, the current chunk at its level) through one block-causal forward, full memory."""
+    cfg = model.config
+    sigmas = denoising_sigmas(steps, shift).to(context)
+    b = context.shape[0]
+    # the same draws, in the same order, as generate(): whole-video noise, then per chunk its re-noising and the
+    # context pass's (unused at level 0) noise, so the two are comparable sample for sample
+    noise = torch.randn(b, cfg.in_dim, frames, *size, generator=generator).to(context)
+    done = noise[:, :, :0]
+    for s in range(0, frames, cfg.chunk_frames):
+        e = min(s + cfg.chunk_frames, frames)
+        x = noise[:, :, s:e]
+        for k in range(steps):
+            t = torch.cat([torch.zeros(b, s, dtype=sigmas.dtype), sigmas[k].cpu().expand(b, e - s)], dim=1)
+            v = model(torch.cat([done, x], dim=2), t.to(context) * 1000.0, context)[:, :, s:e]
+            x0 = x - sigmas[k] * v
+            if k + 1 < steps:
+                x = (1 - sigmas[k + 1]) * x0 + sigmas[k + 1] * randn_like(x0, generator)
+        randn_like(x0, generator)
+        done = torch.cat([done, x0], dim=2)
+    return done
 
 
 def main(argv: list[str] | None = None) -> int:

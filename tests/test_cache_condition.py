@@ -114,3 +114,14 @@ def test_generate_runs_past_the_trained_length_with_flat_memory():
     assert video.shape == (1, 3, 16, 8, 8) and torch.isfinite(video).all() and len(seconds) == 8
     with pytest.raises(ValueError, match="RoPE table"):
         generate(model, ctx, frames=16, size=(8, 8), memory="window:4", rope="absolute")
+
+
+def test_generation_without_cache_equals_generation_through_the_cache():
+    from salt_ref.sample import generate, generate_without_cache
+
+    torch.manual_seed(0)
+    model = WanModel(WanConfig.preset("tiny", causal=True, num_layers=2, chunk_frames=2)).double()
+    ctx = torch.randn(1, 8, 32).double()
+    cached = generate(model, ctx, frames=6, size=(8, 8), generator=torch.Generator().manual_seed(3))
+    recomputed = generate_without_cache(model, ctx, frames=6, size=(8, 8), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(cached, recomputed, rtol=1e-6, atol=1e-6)

@@ -50,3 +50,16 @@ def test_small_scale_bad_memory_policy_is_one_line_exit_2(capsys, tmp_path):
     assert main(["--scale", "small", "--memory", "ring:3", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot parse memory policy" in err[0]
+
+
+def test_cache_quality_gap_vanishes_when_both_caches_are_written_alike():
+    from toy.setup_video import cache_quality_gap
+
+    torch.manual_seed(0)
+    cfg = SmallVideoConfig(**TINY)
+    student = WanModel(model_config(cfg, causal=True))
+    res = cache_quality_gap(student, cfg, n_per_class=1)
+    assert {"lq_fidelity", "hq_fidelity", "gap_fidelity"} <= set(res)
+    same = cache_quality_gap(student, cfg, n_per_class=1, hq_steps=2)  # the "HQ" cache is written by 2 steps too
+    assert abs(same["gap_fidelity"]) < 1e-6 and abs(same["gap_motion"]) < 1e-6
+    assert abs(res["gap_fidelity"]) > 1e-6  # 4-step writers make a different cache

@@ -39,6 +39,7 @@ __all__ = [
     "run",
     "load_run",
     "evaluate_student",
+    "cache_quality_gap",
 ]
 
 
@@ -312,3 +313,62 @@ def load_run(run_dir: Path) -> tuple[WanModel, SmallVideoConfig, ClassPrompts]:
     mcfg = model_config(cfg, causal=True)
     model = _load_module(ckpt_path, WanModel(mcfg)).eval()
     return model, cfg, ClassPrompts(cfg.world_config(), mcfg.text_len, mcfg.text_dim)
+
+
+@torch.no_grad()
+def cache_quality_gap(
+    student: WanModel,
+    cfg: SmallVideoConfig,
+    *,
+    n_per_class: int = 4,
+    frames: int | None = None,
+    memory: str | None = None,
+    hq_steps: int = 4,
+    seed: int = 4321,
+) -> dict[str, float]:
+    """Quality of 2-step chunks conditioned on an LQ cache (written by 2-step outputs) vs an HQ cache (written by
+    4-step outputs of the same student, same noise): metrics of both videos and their gap (LQ - HQ)."""
+    from salt_ref.updates import rollout
+    from toy import video_metrics as vm
+
+    world = cfg.world_config()
+    mcfg = student.config
+    prompts = ClassPrompts(world, mcfg.text_len, mcfg.text_dim)
+    labels = torch.arange(world.n_classes).repeat_interleave(n_per_class)
+    ctx = prompts.embed(labels)
+    frames = frames or cfg.frames
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(len(labels), mcfg.in_dim, frames, cfg.size, cfg.size, generator=g)
+    two, hq_grid = denoising_sigmas(2, 5.0), denoising_sigmas(hq_steps, 5.0)
+    caches = {
+        q: student.new_cache(
+            memory or cfg.memory, batch=len(labels), frames_hw=(cfg.size, cfg.size), max_frames=frames, rope=cfg.rope
+        )
+        for q in ("lq", "hq")
+    }
+    outs: dict[str, list[Tensor]] = {"lq": [], "hq": []}
+    for s in range(0, frames, cfg.chunk_frames):
+        e = min(s + cfg.chunk_frames, frames)
+
+        def flow(q: str, s: int = s):
+            return lambda x, sig: student(x, sig * 1000.0, ctx, kv_cache=caches[q], start_frame=s)
+
+        chunk = noise[:, :, s:e]
+        draws = g.get_state()  # every rollout of the chunk re-noises with the same draws: only caches differ
+        x_hq4 = rollout(flow("hq"), chunk, hq_grid, generator=g, grad_exit=False).x0
+        for q in ("lq", "hq"):
+            g.set_state(draws)
+            outs[q].append(rollout(flow(q), chunk, two, generator=g, grad_exit=False).x0)
+        zero = torch.zeros(len(labels))
+        student(outs["lq"][-1], zero, ctx, kv_cache=caches["lq"], start_frame=s, commit=True)
+        student(x_hq4, zero, ctx, kv_cache=caches["hq"], start_frame=s, commit=True)
+    ref, _, _ = vw.sample(
+        len(labels), torch.Generator().manual_seed(seed + 1), config=world, frames=frames, label=labels
+    )
+    res = {}
+    for q in ("lq", "hq"):
+        for k, v in vm.evaluate_video(torch.cat(outs[q], dim=2), labels, ref).items():
+            res[f"{q}_{k}"] = v
+    for k in ("fidelity", "motion", "frechet"):
+        res[f"gap_{k}"] = res[f"lq_{k}"] - res[f"hq_{k}"]
+    return res
