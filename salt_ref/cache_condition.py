@@ -81,7 +81,9 @@ def chunked_rollout(
         noise: starting noise of the whole video ``[B, C, F, H, W]`` (chunk ``c`` uses its frames).
         sigmas: the step list ``[K + 1]``; every chunk exits at ``exit_index`` (shared, as Self-Forcing).
         context: the prompt's text states for every forward.
-        chunk_frames, policy, rope: chunking and the cache's memory policy / RoPE mode.
+        chunk_frames: latent frames per chunk.
+        policy: the cache's memory policy (``full``, ``window:N``, ``sink:S+window:N``).
+        rope: ``absolute`` or window-``relative`` RoPE positions.
         on_exit: evaluated per chunk at its exit step, with the chunk's cache current (SC-DMD's target).
         reference_sigmas: if given, also run the reference path on this grid down to the exit level, with its
             own cache; its outputs are returned as ``x0_ref``.

@@ -117,7 +117,8 @@ def dmd_generator_loss(
         real_flow: the teacher's flow (CFG already folded in), ``(x, sigma [B]) -> v``.
         fake_flow: the critic's flow.
         shift: warp of the re-noising level distribution.
-        sigma, noise: fix the re-noising level ``[B]`` and noise ``[B, ...]`` (drawn if ``None``).
+        sigma: fix the re-noising level ``[B]`` (drawn if ``None``).
+        noise: fix the noise ``[B, ...]`` (drawn if ``None``).
     """
     batch = x0.shape[0]
     if sigma is None:

@@ -106,7 +106,10 @@ class KVCache:
 
     Args:
         policy: which past frames are kept.
-        batch, heads, head_dim, tokens_per_frame: the layout of ``[B, L, H, D]`` keys.
+        batch: ``B`` of the ``[B, L, H, D]`` keys.
+        heads: ``H``.
+        head_dim: ``D``.
+        tokens_per_frame: tokens of one frame (``L`` is a multiple of it).
         max_frames: capacity of the ``full`` policy (bounded policies allocate ``sink + window`` frames).
         rope: ``"absolute"`` frame positions, or ``"relative"`` (re-assigned inside the kept window).
     """

@@ -97,7 +97,8 @@ def sc_loss(
         sigma_s: its level, float or ``[B]``.
         v1: the student's flow at ``(x_s, s)`` ``[B, ...]``, with gradient.
         target_flow: the network giving ``v2`` (the live student or its EMA), run without gradient.
-        sigma_m, sigma_e: midpoint and endpoint levels, ``s > m > e >= 0``.
+        sigma_m: midpoint level ``m`` (``s > m > e``).
+        sigma_e: endpoint level ``e >= 0``.
     """
     s = append_dims(sigma_s, x_s)
     if not bool((s > sigma_m).all()) or not sigma_m > sigma_e >= 0:

@@ -358,8 +358,8 @@ class WanModel(nn.Module):
             kv_cache: per-block caches (causal models): attend to the cached frames plus this chunk.
             start_frame: absolute index of the chunk's first frame (with ``kv_cache``).
             commit: also write this chunk's keys/values into the cache (the context pass, after it attended).
-            policy, chunk_bounds: the mask of a causal forward without cache (default: full memory and
-                chunks of ``config.chunk_frames``).
+            policy: memory policy of a causal forward without cache (default: full memory).
+            chunk_bounds: its chunks as ``[(start, end), ...]`` (default: chunks of ``config.chunk_frames``).
             features: block indices whose output hidden states ``[B, L, d]`` are returned too.
             features_only: stop after the last requested block and return only ``{block: hidden states}``
                 (the alignment's teacher pass needs nothing later).
