@@ -1,6 +1,7 @@
 r"""Figures people would rather look at than read: loss curves from ``metrics.jsonl`` and 2D sample panels.
 
-Uses matplotlib's non-interactive Agg backend so it works on headless machines and in CI.
+Figures are saved with ``savefig``; matplotlib picks a non-interactive backend by itself on headless machines,
+and importing this module does not change the backend (so notebooks keep showing figures inline).
 """
 
 from __future__ import annotations
@@ -9,11 +10,8 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
 __all__ = ["read_metrics", "plot_losses", "scatter_panels"]
 
