@@ -110,11 +110,28 @@ def _writable_dir(path: Path) -> str | None:
     return None
 
 
-def _run_toy(args: argparse.Namespace) -> int:
+def _launch(out: Path, threads: int, call):
+    """Run ``call()`` into ``out``: ``(None, result)``, or ``(exit code, None)`` after one ``error:`` line."""
     import torch
 
     from salt_ref.checkpoint import CheckpointMismatchError
-    from salt_ref.loop import LoopConfig, NonFiniteLossError
+    from salt_ref.loop import NonFiniteLossError
+
+    if (msg := _writable_dir(out)) is not None:
+        return _fail(msg), None
+    torch.set_num_threads(threads)
+    try:
+        return None, call()
+    except (CheckpointMismatchError, FileNotFoundError) as e:
+        return _fail(str(e)), None
+    except NonFiniteLossError as e:
+        return _fail(f"training diverged: {e}", code=1), None
+
+
+def _run_toy(args: argparse.Namespace) -> int:
+    import torch
+
+    from salt_ref.loop import LoopConfig
     from salt_ref.plots import plot_losses, scatter_panels
     from toy.gmm import make_target
     from toy.setup_2d import Toy2DConfig, run
@@ -144,18 +161,13 @@ def _run_toy(args: argparse.Namespace) -> int:
     except ValueError as e:
         return _fail(str(e))
     out = Path(args.out or f"runs/toy-{args.method}-{Path(args.target).stem}-s{args.seed}")
-    if (msg := _writable_dir(out)) is not None:
-        return _fail(msg)
+    t0 = time.perf_counter()
     # A 256-wide MLP gains nothing from a second intra-op thread, and on a shared 2-core machine the
     # spin-waiting of an oversubscribed thread pool costs more than the work itself.
-    torch.set_num_threads(1)
-    t0 = time.perf_counter()
-    try:
-        _, final = run(cfg, loop_cfg, out, resume=args.resume, progress=not args.no_progress)
-    except (CheckpointMismatchError, FileNotFoundError) as e:
-        return _fail(str(e))
-    except NonFiniteLossError as e:
-        return _fail(f"training diverged: {e}", code=1)
+    code, result = _launch(out, 1, lambda: run(cfg, loop_cfg, out, resume=args.resume, progress=not args.no_progress))
+    if code is not None:
+        return code
+    _, final = result
     target = gmm.sample(cfg.eval_samples, torch.Generator().manual_seed(0)).numpy()
     panels = {"target": target, **{f"{k} step{'s' if k > 1 else ''}": v.numpy() for k, v in final["samples"].items()}}
     scatter_panels(panels, out / "samples.png", title=f"{args.method} on {args.target} (EMA student)")
@@ -199,11 +211,9 @@ def _small_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_small(args: argparse.Namespace) -> int:
-    import torch
 
-    from salt_ref.checkpoint import CheckpointMismatchError
     from salt_ref.kv_cache import MemoryPolicy
-    from salt_ref.loop import LoopConfig, NonFiniteLossError
+    from salt_ref.loop import LoopConfig
     from toy.setup_video import SmallVideoConfig, run
 
     try:
@@ -230,16 +240,14 @@ def _run_small(args: argparse.Namespace) -> int:
     except ValueError as e:
         return _fail(str(e))
     out = Path(args.out or f"runs/small-{args.method}-{args.memory.replace(':', '').replace('+', '_')}-s{args.seed}")
-    if (msg := _writable_dir(out)) is not None:
-        return _fail(msg)
-    torch.set_num_threads(2)
     t0 = time.perf_counter()
-    try:
-        final = run(cfg, loop_cfg, out, resume=args.resume, progress=not args.no_progress, cache_dir=Path(args.cache))
-    except (CheckpointMismatchError, FileNotFoundError) as e:
-        return _fail(str(e))
-    except NonFiniteLossError as e:
-        return _fail(f"training diverged: {e}", code=1)
+    code, final = _launch(
+        out,
+        2,
+        lambda: run(cfg, loop_cfg, out, resume=args.resume, progress=not args.no_progress, cache_dir=Path(args.cache)),
+    )
+    if code is not None:
+        return code
     summary = {h: {k: round(v, 4) for k, v in m.items()} for h, m in final["metrics"].items()}
     print(json.dumps({"out": str(out), "seconds": round(time.perf_counter() - t0, 1), "metrics": summary}))
     return 0
