@@ -1,22 +1,35 @@
-r"""A procedural video world with known physics: one coloured disc bouncing in a box.
+r"""A procedural video world with known physics: one coloured soft disc bouncing in a box.
 
-A clip is ``F`` frames of ``S x S`` RGB pixels in [-1, 1] (background -1). Its state is a centre ``p0 [2]``, a
-velocity ``v [2]`` (pixels per frame), a radius ``r`` and the colour of its class ``label`` (the class stands in
-for the text prompt, and is visible in every frame). Motion is constant velocity with elastic bounces off the
-walls of the box ``[lo, hi] = [r, S - 1 - r]``, in closed form per axis::
+A clip is ``F`` frames of ``S x S`` pixels with ``C`` channels in [-1, 1] (background -1). Its state is a start
+centre ``p0 = (x, y)`` (pixels), a velocity ``v`` (pixels per frame), a radius ``r`` and a colour ``k`` in
+{-1, +1}^C. The class ``label`` stands in for the text prompt and *is the colour*: ``k = palette[label]``, so the
+class is visible in every frame (also far past the trained length, where the start of the motion is long gone)
+and is read back from any single frame in closed form (``toy.video_metrics``). Motion is independent of the class.
 
-    u = (p0 + v t - lo) mod 2L,   L = hi - lo,   p(t) = lo + (u if u <= L else 2L - u)
+Motion is constant velocity with elastic bounces off the walls ``[lo, hi] = [r, S - 1 - r]`` (the disc touches
+the border pixel centres), in closed form per axis by folding the free path::
 
-and a frame is ``-1 + m(x) (c + 1)`` with the soft disc mask ``m(x) = sigmoid((r - |x - p(t)|) / 0.35)``.
-Every palette colour has a channel at +1, so ``max_channel((frame + 1) / 2) = m``: the mask, and from it the
-centre, radius and colour, can be read back from any frame without a network (see ``toy.video_metrics``).
+    q(t) = p0 + v t,   L = hi - lo,   u = (q(t) - lo) mod 2L
+    p(t) = lo + u          if u <= L                     (moving with v)
+         = lo + 2L - u     otherwise                     (moving with -v: reflected an odd number of times)
 
-Shapes: videos ``[N, 3, F, S, S]``; labels ``[N]``; class embeddings ``[N, L, D]`` (text states for Wan).
+A frame is ``x = -1 + m (k + 1)`` with the anti-aliased disc mask ``m(x) = sigmoid((r - |x - p(t)|) / e)``,
+``e`` = ``edge`` pixels. Every palette colour has a channel at +1, so ``max_c (x_c + 1) / 2 = m``.
+
+Random states: ``r ~ U[radius]``, ``p0 ~ U[lo, hi]^2``, heading ``~ U[0, 2 pi)``, speed ``~ U[speed]``,
+``label ~ U{0..n_classes-1}`` (drawn in this order from one generator, so a seed fixes a clip exactly).
+
+Shapes: videos ``[N, C, F, S, S]``; labels ``[N]``; positions ``[N, F, 2]``; class embeddings ``[N, L, D]``
+(text states for the Wan model, e.g. ``L = 8``, ``D = 32`` for ``WanConfig.preset("tiny")``).
+
+Demo: ``python -m toy.video_world --out runs/video_world`` writes a GIF and a PNG frame grid of a few clips per
+class and prints the metrics of clean against noisy clips.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,56 +38,134 @@ from torch import Tensor
 
 __all__ = [
     "PALETTE",
+    "EDGE",
     "VideoWorldConfig",
     "ClipState",
+    "palette",
     "sample_states",
+    "reflect",
     "trajectory",
+    "velocity",
+    "disc_mask",
     "render",
     "sample",
     "class_embedding",
     "null_embedding",
+    "save_video",
+    "save_frame_grid",
 ]
 
-# red, green, blue, yellow: each has a channel at +1 (so the mask is readable) and they are far apart
-PALETTE = torch.tensor([[1.0, -1.0, -1.0], [-1.0, 1.0, -1.0], [-1.0, -1.0, 1.0], [1.0, 1.0, -1.0]])
-EDGE = 0.35  # softness of the disc edge in pixels
+EDGE = 0.35  # default softness of the disc edge in pixels
+_EMBED_SEED = 1234
+
+
+def palette(channels: int = 3, n_classes: int = 4) -> Tensor:
+    """The class colours ``[n_classes, channels]``: distinct codes in {-1, +1}^C with at least one channel on.
+
+    Ordered by the number of channels on, then by position; for ``C = 3``: red, green, blue, yellow, magenta,
+    cyan, white. Any two colours differ by 2 in at least one channel, so the nearest colour is unambiguous.
+    """
+    if channels < 1:
+        raise ValueError(f"channels must be >= 1, got {channels}")
+    if not 1 <= n_classes <= 2**channels - 1:
+        raise ValueError(f"n_classes must be in [1, {2**channels - 1}] for {channels} channels, got {n_classes}")
+    codes = []
+    for on in range(1, channels + 1):
+        for idx in itertools.combinations(range(channels), on):
+            code = [-1.0] * channels
+            for i in idx:
+                code[i] = 1.0
+            codes.append(code)
+    return torch.tensor(codes[:n_classes])
+
+
+PALETTE = palette(3, 4)  # red, green, blue, yellow
 
 
 @dataclass(frozen=True)
 class VideoWorldConfig:
+    """The world: clip length and size, classes, and the ranges random states are drawn from.
+
+    Attributes:
+        frames: frames per training clip (generation may ask for any number).
+        size: frame height = width ``S`` in pixels (even: the Wan patch is 2x2).
+        channels: ``C`` (3 for the Wan ``in_dim``).
+        n_classes: number of class labels (= colours), at most ``2^C - 1``.
+        radius: ``(min, max)`` disc radius in pixels.
+        speed: ``(min, max)`` speed in pixels per frame (heading uniform).
+        edge: softness ``e`` of the disc's sigmoid edge in pixels.
+    """
+
     frames: int = 8
     size: int = 16
+    channels: int = 3
     n_classes: int = 4
     radius: tuple[float, float] = (1.8, 2.6)
     speed: tuple[float, float] = (0.6, 1.4)
+    edge: float = EDGE
 
     def __post_init__(self) -> None:
-        if not 1 <= self.n_classes <= len(PALETTE):
-            raise ValueError(f"n_classes must be in [1, {len(PALETTE)}], got {self.n_classes}")
-        if self.size % 2 or self.size < 8:
-            raise ValueError(f"size must be even and >= 8 (patches are 2x2), got {self.size}")
         if self.frames < 1:
             raise ValueError(f"frames must be >= 1, got {self.frames}")
+        if self.size % 2 or self.size < 8:
+            raise ValueError(f"size must be even and >= 8 (patches are 2x2), got {self.size}")
+        palette(self.channels, self.n_classes)  # validates channels and n_classes
+        r_lo, r_hi = self.radius
+        if not 0 < r_lo <= r_hi or self.size - 1 - 2 * r_hi < 1:
+            raise ValueError(f"radius range must satisfy 0 < min <= max < (size - 2) / 2, got {self.radius}")
+        if not 0 <= self.speed[0] <= self.speed[1]:
+            raise ValueError(f"speed range must satisfy 0 <= min <= max, got {self.speed}")
+        if self.edge <= 0:
+            raise ValueError(f"edge must be positive, got {self.edge}")
+
+    @property
+    def palette(self) -> Tensor:
+        """The class colours ``[n_classes, channels]``."""
+        return palette(self.channels, self.n_classes)
 
 
 @dataclass
 class ClipState:
-    """Per-clip physics: ``p0 [N, 2]`` (x, y), ``v [N, 2]``, ``radius [N]``, ``label [N]``."""
+    """Per-clip physics of ``N`` clips in a box of ``size`` pixels.
+
+    Attributes:
+        p0: start centres ``[N, 2]`` as (x, y) = (column, row) in pixels.
+        v: velocities ``[N, 2]`` in pixels per frame.
+        radius: disc radii ``[N]`` in pixels.
+        label: class labels ``[N]`` (long).
+        colour: disc colours ``[N, C]`` in {-1, +1}^C (``palette[label]``).
+        size: side ``S`` of the box in pixels.
+    """
 
     p0: Tensor
     v: Tensor
     radius: Tensor
     label: Tensor
+    colour: Tensor
+    size: int = 16
 
-    @property
-    def colour(self) -> Tensor:
-        return PALETTE[self.label]
+    def __post_init__(self) -> None:
+        n = self.p0.shape[0]
+        shapes = {"p0": (n, 2), "v": (n, 2), "radius": (n,), "label": (n,)}
+        for name, shape in shapes.items():
+            if tuple(getattr(self, name).shape) != shape:
+                raise ValueError(f"{name} must be {list(shape)}, got {list(getattr(self, name).shape)}")
+        if self.colour.ndim != 2 or self.colour.shape[0] != n:
+            raise ValueError(f"colour must be [N={n}, C], got {list(self.colour.shape)}")
+
+    def __len__(self) -> int:
+        return self.p0.shape[0]
 
 
 def sample_states(
-    n: int, config: VideoWorldConfig, generator: torch.Generator | None = None, label: Tensor | None = None
+    n: int,
+    config: VideoWorldConfig = VideoWorldConfig(),
+    generator: torch.Generator | None = None,
+    label: Tensor | None = None,
 ) -> ClipState:
-    """``n`` random clip states (labels drawn uniformly unless given)."""
+    """``n`` random clip states; labels are drawn uniformly unless given (``label [n]``)."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
     g = generator
     r = config.radius[0] + (config.radius[1] - config.radius[0]) * torch.rand(n, generator=g)
     lo, hi = r, config.size - 1 - r
@@ -84,35 +175,57 @@ def sample_states(
     v = speed[:, None] * torch.stack([angle.cos(), angle.sin()], dim=1)
     if label is None:
         label = torch.randint(config.n_classes, (n,), generator=g)
-    return ClipState(p0, v, r, label.long())
+    label = torch.as_tensor(label).long()
+    if label.shape != (n,) or bool((label < 0).any()) or bool((label >= config.n_classes).any()):
+        raise ValueError(f"label must be [n={n}] with values in [0, {config.n_classes}), got {label.tolist()}")
+    return ClipState(p0, v, r, label, config.palette[label], config.size)
 
 
-def reflect(p: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
-    """Fold unbounded positions into ``[lo, hi]`` by elastic reflection (broadcasting)."""
+def _fold(q: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+    """Fold free positions ``q`` into ``[lo, hi]``; also the direction sign (+1 moving with ``v``, -1 against)."""
     span = hi - lo
-    u = torch.remainder(p - lo, 2 * span)
-    return lo + torch.where(u <= span, u, 2 * span - u)
+    u = torch.remainder(q - lo, 2 * span)
+    forward = u <= span
+    return lo + torch.where(forward, u, 2 * span - u), torch.where(forward, 1.0, -1.0).to(q.dtype)
 
 
-def trajectory(state: ClipState, frames: int, size: int) -> Tensor:
-    """Centres ``[N, F, 2]`` of the bouncing disc for frames ``0..F-1``."""
+def reflect(p: Tensor, lo: Tensor | float, hi: Tensor | float) -> Tensor:
+    """Fold unbounded positions into ``[lo, hi]`` by elastic reflection (broadcasting)."""
+    return _fold(p, torch.as_tensor(lo, dtype=p.dtype), torch.as_tensor(hi, dtype=p.dtype))[0]
+
+
+def _free_path(state: ClipState, frames: int, size: int | None) -> tuple[Tensor, Tensor, Tensor]:
+    if frames < 1:
+        raise ValueError(f"frames must be >= 1, got {frames}")
+    size = state.size if size is None else size
     t = torch.arange(frames, dtype=state.p0.dtype)
     lo, hi = state.radius[:, None, None], (size - 1 - state.radius)[:, None, None]
-    return reflect(state.p0[:, None] + state.v[:, None] * t[None, :, None], lo, hi)
+    return state.p0[:, None] + state.v[:, None] * t[None, :, None], lo, hi
 
 
-def disc_mask(centres: Tensor, radius: Tensor, size: int) -> Tensor:
+def trajectory(state: ClipState, frames: int, size: int | None = None) -> Tensor:
+    """Centres ``[N, F, 2]`` of the bouncing disc at frames ``0..F-1`` (``size`` defaults to ``state.size``)."""
+    return _fold(*_free_path(state, frames, size))[0]
+
+
+def velocity(state: ClipState, frames: int, size: int | None = None) -> Tensor:
+    """Instantaneous velocities ``[N, F, 2]``: ``v`` with each axis flipped once per wall hit so far."""
+    return _fold(*_free_path(state, frames, size))[1] * state.v[:, None]
+
+
+def disc_mask(centres: Tensor, radius: Tensor, size: int, edge: float = EDGE) -> Tensor:
     """Soft masks ``[N, F, S, S]`` of discs at ``centres [N, F, 2]`` with ``radius [N]`` or ``[N, F]``."""
     coords = torch.arange(size, dtype=centres.dtype)
     dx = coords[None, None, None, :] - centres[..., 0, None, None]
     dy = coords[None, None, :, None] - centres[..., 1, None, None]
     rad = radius if radius.ndim == 2 else radius[:, None]
-    return torch.sigmoid((rad[..., None, None] - (dx**2 + dy**2).sqrt()) / EDGE)
+    return torch.sigmoid((rad[..., None, None] - (dx**2 + dy**2).sqrt()) / edge)
 
 
-def render(state: ClipState, frames: int, size: int) -> Tensor:
-    """The clips ``[N, 3, F, S, S]`` in [-1, 1]."""
-    m = disc_mask(trajectory(state, frames, size), state.radius, size)
+def render(state: ClipState, frames: int, size: int | None = None, *, edge: float = EDGE) -> Tensor:
+    """The clips ``[N, C, F, S, S]`` in [-1, 1] (``x = -1 + m (k + 1)``)."""
+    size = state.size if size is None else size
+    m = disc_mask(trajectory(state, frames, size), state.radius, size, edge)
     return -1 + m[:, None] * (state.colour[:, :, None, None, None] + 1)
 
 
@@ -124,15 +237,31 @@ def sample(
     frames: int | None = None,
     label: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, ClipState]:
-    """``(video [n, 3, F, S, S], labels [n], state)``; ``frames`` overrides the config's length."""
+    """``(video [n, C, F, S, S], labels [n], state)`` drawn from ``generator``; ``frames`` overrides the config."""
+    frames = config.frames if frames is None else frames
+    if frames < 1:
+        raise ValueError(f"frames must be >= 1, got {frames}")
     state = sample_states(n, config, generator, label)
-    return render(state, frames or config.frames, config.size), state.label, state
+    return render(state, frames, config.size, edge=config.edge), state.label, state
 
 
 def class_embedding(labels: Tensor, dim: int, length: int) -> Tensor:
-    """Fixed text-like states ``[N, length, dim]`` per class (a seeded table, identical in every process)."""
-    table = torch.randn(len(PALETTE), length, dim, generator=torch.Generator().manual_seed(1234))
-    return table[labels.long()]
+    """Fixed text-like states ``[N, length, dim]`` per class (a seeded ``N(0, 1)`` table, the same in every process).
+
+    Classes 0-3 come from the first draw of the seeded generator and later classes from the draws after it, so a
+    class's embedding does not depend on how many classes there are.
+    """
+    labels = torch.as_tensor(labels)
+    if labels.ndim != 1 or labels.is_floating_point() or (labels.numel() and int(labels.min()) < 0):
+        raise ValueError(f"labels must be a [N] tensor of non-negative integers, got {labels}")
+    if dim < 1 or length < 1:
+        raise ValueError(f"dim and length must be >= 1, got dim={dim}, length={length}")
+    g = torch.Generator().manual_seed(_EMBED_SEED)
+    table = [torch.randn(4, length, dim, generator=g)]
+    extra = int(labels.max()) + 1 - 4 if labels.numel() else 0
+    if extra > 0:
+        table.append(torch.randn(extra, length, dim, generator=g))
+    return torch.cat(table)[labels.long()]
 
 
 def null_embedding(dim: int, length: int) -> Tensor:
@@ -140,12 +269,18 @@ def null_embedding(dim: int, length: int) -> Tensor:
     return torch.zeros(length, dim)
 
 
+def _to_uint8(video: Tensor, scale: int) -> Tensor:
+    x = ((video.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # [N, C, F, S, S]
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1, -1)
+    return x.repeat_interleave(scale, -1).repeat_interleave(scale, -2)
+
+
 def save_video(video: Tensor, path: str | Path, *, fps: int = 8, scale: int = 4) -> Path:
-    """Write clips ``[N, 3, F, S, S]`` side by side as a GIF or MP4 (imageio), upscaled ``scale`` times."""
+    """Write clips ``[N, C, F, S, S]`` side by side as a GIF or MP4 (imageio), upscaled ``scale`` times."""
     import imageio.v2 as imageio
 
-    x = ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # [N, 3, F, S, S]
-    x = x.repeat_interleave(scale, -1).repeat_interleave(scale, -2)
+    x = _to_uint8(video, scale)
     pad = torch.full((*x.shape[:-1], 2), 255, dtype=torch.uint8)
     row = torch.cat([torch.cat([clip, p], dim=-1) for clip, p in zip(x, pad, strict=True)], dim=-1)  # [3, F, H, W']
     frames = row.permute(1, 2, 3, 0).numpy()
@@ -158,20 +293,62 @@ def save_video(video: Tensor, path: str | Path, *, fps: int = 8, scale: int = 4)
     return path
 
 
+def save_frame_grid(video: Tensor, path: str | Path, *, labels: Tensor | None = None, max_frames: int = 16) -> Path:
+    """A PNG grid (matplotlib): one row per clip, one column per frame (the first ``max_frames``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = _to_uint8(video[:, :, :max_frames], 1)  # [N, 3, F, S, S]
+    n, _, f = x.shape[:3]
+    fig, axes = plt.subplots(n, f, figsize=(0.6 * f, 0.6 * n), squeeze=False)
+    for i, j in itertools.product(range(n), range(f)):
+        ax = axes[i, j]
+        ax.imshow(x[i, :, j].permute(1, 2, 0).numpy(), interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if i == 0:
+            ax.set_title(str(j), fontsize=6)
+        if j == 0 and labels is not None:
+            ax.set_ylabel(f"class {int(labels[i])}", fontsize=6)
+    fig.tight_layout(pad=0.2)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m toy.video_world", description="write sample clips of the world")
-    p.add_argument("--out", default="runs/video_world/clips.gif")
+    from toy import video_metrics as vm
+
+    p = argparse.ArgumentParser(prog="python -m toy.video_world", description="write sample clips and their metrics")
+    p.add_argument("--out", default="runs/video_world", help="output folder (clips.gif, frames.png)")
     p.add_argument("--frames", type=int, default=32)
+    p.add_argument("--per-class", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    torch.set_num_threads(1)
     cfg = VideoWorldConfig()
-    video, labels, _ = sample(
-        2 * cfg.n_classes,
-        torch.Generator().manual_seed(0),
-        config=cfg,
-        frames=args.frames,
-        label=torch.arange(2 * cfg.n_classes) % cfg.n_classes,
+    out = Path(args.out)
+    labels = torch.arange(cfg.n_classes).repeat(args.per_class)
+    g = torch.Generator().manual_seed(args.seed)
+    video, labels, _ = sample(len(labels), g, config=cfg, frames=args.frames, label=labels)
+    print(
+        f"wrote {save_video(video, out / 'clips.gif')} and {save_frame_grid(video, out / 'frames.png', labels=labels)}"
     )
-    print(f"wrote {save_video(video, args.out)}: labels {labels.tolist()}")
+
+    n = 64
+    g = torch.Generator().manual_seed(args.seed + 1)
+    clean, lab, _ = sample(n, g, config=cfg, frames=args.frames)
+    ref, _, _ = sample(n, g, config=cfg, frames=args.frames)
+    noisy = clean + 0.2 * torch.randn(clean.shape, generator=g)
+    shuffled = clean[:, :, torch.randperm(args.frames, generator=g)]
+    print(f"{n} clips x {args.frames} frames of {cfg.size}x{cfg.size}; reference: {n} other clips of the world")
+    for name, v in (("clean", clean), ("noise 0.2", noisy), ("shuffled", shuffled)):
+        res = vm.evaluate_video(v, lab, ref, config=cfg)
+        print(f"{name:>10}: " + "  ".join(f"{k} {val:.4g}" for k, val in res.items()))
     return 0
 
 
