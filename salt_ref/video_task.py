@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from salt_ref.cache_condition import chunked_rollout
-from salt_ref.distill import AlignConfig, DMDObjective, StepLists, default_rollout
+from salt_ref.distill import AlignConfig, DMDObjective, StepLists, as_flow, default_rollout
 from salt_ref.dmd import cfg as apply_cfg
 from salt_ref.loop import Rng
 
@@ -108,10 +108,6 @@ class EmbeddingPrompts:
         return ctx, neg
 
 
-def _flow(model: nn.Module, context: Tensor, **kw) -> Callable[[Tensor, Tensor], Tensor]:
-    return lambda x, sigma: model(x, sigma * 1000.0, context, **kw)
-
-
 class VideoDistillTask:
     """The loop's ``Task`` for video: student (generator), critic (fake score), frozen teacher (real score)."""
 
@@ -163,7 +159,7 @@ class VideoDistillTask:
                 context_sigma=cfg.context_sigma,
             )
         else:
-            rollout_fn = default_rollout(_flow(self.generator, ctx))
+            rollout_fn = default_rollout(as_flow(self.generator, context=ctx))
 
         def real_flow(x: Tensor, sigma: Tensor) -> Tensor:
             v = self.teacher(torch.cat([x, x]), torch.cat([sigma, sigma]) * 1000.0, torch.cat([ctx, neg]))
@@ -182,7 +178,7 @@ class VideoDistillTask:
             rollout_fn=rollout_fn,
             noise_fn=lambda g: torch.randn(cfg.batch, c, f, h, w, generator=g).to(self.device),
             real_flow=real_flow,
-            fake_flow=_flow(self.critic, ctx),
+            fake_flow=as_flow(self.critic, context=ctx),
             step_lists=self.step_lists,
             shift=cfg.shift,
             sc_weight=cfg.sc_weight if cfg.method != "self-forcing" else 0.0,
