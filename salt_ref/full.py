@@ -203,7 +203,7 @@ def _ema_factory(cfg: WanConfig, student: nn.Module, device: torch.device, distr
 
 
 def main(args: argparse.Namespace) -> int:
-    from salt_ref.loop import DCPCheckpointer, LoopConfig, NonFiniteLossError, train
+    from salt_ref.loop import DCPCheckpointer, LoopConfig, NonFiniteLossError, loop_fingerprint, train
 
     if args.dry_run:
         world = args.gpus or int(os.environ.get("WORLD_SIZE", 1))
@@ -289,7 +289,7 @@ def main(args: argparse.Namespace) -> int:
         "task": task_cfg.to_dict(),
         "student": s_cfg.to_dict(),
         "teacher": t_cfg.to_dict(),
-        "loop": {k: v for k, v in loop_cfg.__dict__.items() if k not in ("iters", "accum_steps")},
+        "loop": loop_fingerprint(loop_cfg),
     }
     out = Path(args.out)
     try:

@@ -50,6 +50,8 @@ __all__ = [
     "SafetensorsCheckpointer",
     "DCPCheckpointer",
     "train",
+    "loop_fingerprint",
+    "RESUME_FREE",
     "CHECKPOINT_NAME",
     "METRICS_NAME",
 ]
@@ -367,6 +369,16 @@ def _trim_metrics(path: Path, upto: int) -> None:
     path.write_text("".join(ln + "\n" for ln in keep))
 
 
+# Settings a resumed run may change: the budget, the bookkeeping, and the accumulation split (its product with the
+# world size, which fixes the data streams, is checked separately as ``world_x_accum``).
+RESUME_FREE = ("iters", "ckpt_every", "log_every", "accum_steps")
+
+
+def loop_fingerprint(cfg: LoopConfig) -> dict[str, Any]:
+    """The part of ``cfg`` a checkpoint must agree with on resume (everything but ``RESUME_FREE``)."""
+    return {k: v for k, v in asdict(cfg).items() if k not in RESUME_FREE}
+
+
 def train(
     task: Task,
     cfg: LoopConfig,
@@ -396,7 +408,7 @@ def train(
     saver = checkpointer or SafetensorsCheckpointer(out_dir / CHECKPOINT_NAME)
     metrics_path = out_dir / METRICS_NAME
     if fingerprint is None:
-        fingerprint = {k: v for k, v in asdict(cfg).items() if k != "iters"}
+        fingerprint = loop_fingerprint(cfg)
     fingerprint = json.loads(json.dumps({**fingerprint, "world_x_accum": world * cfg.accum_steps}))
     state = _State(task, cfg)
     if resume:

@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--memory", default=None, help="full, window:N or sink:S+window:N (default: the run's)")
     p.add_argument("--rope", choices=["absolute", "relative"], default=None)
     p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--label", type=int, action="append", default=None, help="class label(s) to generate")
+    p.add_argument("--label", type=int, nargs="+", default=None, help="class label(s) to generate (default: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output .gif or .mp4 (default: <run>/sample.gif)")
     args = p.parse_args(argv)
@@ -113,7 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    labels = torch.tensor(args.label or list(range(prompts.world.n_classes)))
+    n_classes = prompts.world.n_classes
+    if args.label is not None and not all(0 <= k < n_classes for k in args.label):
+        print(f"error: --label must be in 0..{n_classes - 1}, got {args.label}", file=sys.stderr)
+        return 2
+    labels = torch.tensor(args.label or list(range(n_classes)))
     frames = args.frames or cfg.frames
     g = torch.Generator().manual_seed(args.seed)
     try:

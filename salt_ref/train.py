@@ -2,7 +2,7 @@
 
 - ``toy``: 2D Gaussian mixtures, ``[--method dmd|sc-dmd|cd] [--target ring8|grid25|mix.json]``;
 - ``small``: the procedural video world with tiny Wan models, ``[--method self-forcing|sc-dmd|salt]
-  [--memory full|window:N|sink:S+window:N]`` (teacher and student init are trained once and cached);
+  [--memory full|window|sink|window:N|sink:S+window:N]`` (teacher and student init are trained once and cached);
 - ``full``: the Salt recipe on Wan 2.1 under ``torchrun`` with FSDP2 (``salt_ref.full``).
 
 Every scale runs through the same loop (``salt_ref.loop.train``); this file only turns flags into a setup.
@@ -191,12 +191,21 @@ def _run_toy(args: argparse.Namespace) -> int:
     return 0
 
 
+# The bounded policies of the small-scale benchmark (half the 8-frame trained length in the window).
+SMALL_MEMORY_SHORTHANDS = {"window": "window:4", "sink": "sink:2+window:4"}
+
+
 def _small_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=["self-forcing", "sc-dmd", "salt"], default="salt")
-    p.add_argument("--memory", default="full", help="KV cache: full, window:N or sink:S+window:N (frames)")
+    p.add_argument(
+        "--memory",
+        default="full",
+        help="KV cache: full, window:N or sink:S+window:N (frames); window and sink alone mean "
+        + " and ".join(SMALL_MEMORY_SHORTHANDS.values()),
+    )
     p.add_argument("--rope", choices=["absolute", "relative"], default="absolute")
     p.add_argument("--iters", type=int, default=150, help="generator iterations of the distillation")
-    p.add_argument("--teacher-iters", type=int, default=1000, help="flow-matching steps of the (cached) teacher")
+    p.add_argument("--teacher-iters", type=int, default=2000, help="flow-matching steps of the (cached) teacher")
     p.add_argument("--ode-iters", type=int, default=300, help="ODE-regression steps of the (cached) student init")
     p.add_argument("--lr-gen", type=float, default=1e-4)
     p.add_argument("--lr-critic", type=float, default=2e-4)
@@ -213,9 +222,9 @@ def _small_arguments(p: argparse.ArgumentParser) -> None:
 def _run_small(args: argparse.Namespace) -> int:
 
     from salt_ref.kv_cache import MemoryPolicy
-    from salt_ref.loop import LoopConfig
-    from toy.setup_video import SmallVideoConfig, run
+    from toy.setup_video import SmallVideoConfig, distill_loop, run
 
+    args.memory = SMALL_MEMORY_SHORTHANDS.get(args.memory, args.memory)
     try:
         MemoryPolicy.parse(args.memory)
         cfg = SmallVideoConfig(
@@ -227,15 +236,13 @@ def _run_small(args: argparse.Namespace) -> int:
             align_start=args.align_start,
             seed=args.seed,
         )
-        loop_cfg = LoopConfig(
-            iters=args.iters,
-            critic_ratio=args.critic_ratio,
+        loop_cfg = distill_loop(
+            args.iters,
+            args.seed,
             lr_gen=args.lr_gen,
             lr_critic=args.lr_critic,
-            ema_start=min(50, args.iters // 4),
+            critic_ratio=args.critic_ratio,
             ckpt_every=args.ckpt_every,
-            log_every=1,
-            seed=args.seed,
         )
     except ValueError as e:
         return _fail(str(e))

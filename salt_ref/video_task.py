@@ -75,7 +75,8 @@ class PromptSource(Protocol):
 class EmbeddingPrompts:
     """Precomputed text states from a safetensors file: ``context [N, L, D]`` and ``negative [L, D]``.
 
-    The text encoder is not part of the method (``scripts/encode_prompts.py`` makes the file with umT5).
+    The text encoder is not part of the method: encode the prompts once with Wan's umT5-XXL encoder (outside this
+    library) and save its last hidden states; ``docs/full_scale.md`` gives the file format.
     """
 
     def __init__(self, path: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):

@@ -254,6 +254,21 @@ def drift_curve(video: Tensor, *, config: VideoWorldConfig = _WORLD) -> Tensor:
     return frame_fidelity(video, config=config).mean(dim=0)
 
 
+def _damped_step(jac: Tensor, res: Tensor) -> Tensor:
+    """Gauss-Newton step ``(J^T J + lam I)^-1 J^T r`` per row of ``jac [M, K, P]``, ``res [M, K]``.
+
+    The damping is relative to the diagonal's scale: an absolute one vanishes in float32 next to ``sum t^2`` and a
+    parameter without effect (a wall offset when the track never bounces) leaves ``J^T J`` singular. A row whose
+    system still fails takes no step (the caller keeps only steps that lower the error).
+    """
+    hess = jac.transpose(1, 2) @ jac
+    diag = hess.diagonal(dim1=-2, dim2=-1)
+    lam = 1e-6 * diag.mean(-1).clamp_min(1.0)
+    hess = hess + lam[:, None, None] * torch.eye(hess.shape[-1], dtype=hess.dtype)
+    step, info = torch.linalg.solve_ex(hess, (jac * res[..., None]).sum(1))
+    return torch.where((info == 0)[:, None] & step.isfinite().all(-1, keepdim=True), step, torch.zeros_like(step))
+
+
 def _fit_axis(obs: Tensor, lo: Tensor, hi: Tensor, max_speed: float) -> tuple[Tensor, Tensor]:
     """Best ``(p0 [M], v [M])`` of folded tracks to ``obs [M, F]`` with walls ``lo, hi [M]`` (grid, then GN)."""
     m, f = obs.shape
@@ -285,8 +300,7 @@ def _fit_axis(obs: Tensor, lo: Tensor, hi: Tensor, max_speed: float) -> tuple[Te
     res, sign, err = evaluate(p, v)
     for _ in range(10):
         jac = torch.stack([sign, sign * t], dim=-1)  # [M', F, 2]
-        hess = jac.transpose(1, 2) @ jac + 1e-6 * torch.eye(2, dtype=obs.dtype)
-        step = torch.linalg.solve(hess, (jac * res[..., None]).sum(1))
+        step = _damped_step(jac, res)
         p_new, v_new = p + step[:, 0], (v + step[:, 1]).clamp(-2 * max_speed, 2 * max_speed)
         res_new, sign_new, err_new = evaluate(p_new, v_new)
         ok = err_new < err
@@ -324,14 +338,13 @@ def fit_tracks(fit: FrameFit, size: int, *, max_speed: float = MAX_SPEED) -> tup
         return res, sign, d_rho, res.pow(2).sum(-1).mean(-1)
 
     res, sign, d_rho, err = evaluate(p0, v, rho)
-    eye = torch.eye(5, dtype=obs.dtype)
     for _ in range(10 if f > 2 else 0):
         zero = torch.zeros_like(sign[..., 0])
         jx = torch.stack([sign[..., 0], zero, sign[..., 0] * t[..., 0], zero, d_rho[..., 0]], dim=-1)  # [N, F, 5]
         jy = torch.stack([zero, sign[..., 1], zero, sign[..., 1] * t[..., 0], d_rho[..., 1]], dim=-1)
         jac = torch.cat([jx, jy], dim=1)  # [N, 2F, 5]
         r = torch.cat([res[..., 0], res[..., 1]], dim=1)  # [N, 2F]
-        step = torch.linalg.solve(jac.transpose(1, 2) @ jac + 1e-6 * eye, (jac * r[..., None]).sum(1))
+        step = _damped_step(jac, r)
         p0_new, v_new = p0 + step[:, :2], v + step[:, 2:4]
         rho_new = (rho + step[:, 4]).clamp(0.5, (size - 2) / 2)
         res_new, sign_new, d_rho_new, err_new = evaluate(p0_new, v_new, rho_new)
