@@ -33,6 +33,7 @@ METRICS = (("fidelity", "fidelity ↓"), ("motion", "motion ↓"), ("class_acc",
 def _one(args: tuple[str, int, int, str, dict, int]) -> dict[str, Any]:
     import torch
 
+    from salt_ref.plots import read_metrics
     from toy.setup_video import SmallVideoConfig, cache_quality_gap, distill_loop, evaluate_student, load_run, run
 
     method, seed, iters, out, overrides, steps = args
@@ -46,7 +47,7 @@ def _one(args: tuple[str, int, int, str, dict, int]) -> dict[str, Any]:
     # a run with a checkpoint is continued (a killed benchmark loses nothing; a finished run is only re-evaluated)
     run(cfg, loop, run_dir, progress=False, resume=(run_dir / "checkpoint.safetensors").exists())
     student, cfg, _ = load_run(run_dir)
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_metrics(run_dir / "metrics.jsonl")
     res: dict[str, Any] = {"memory": {}, "train_s": rows[-1]["time_s"] if rows else 0.0}
     for memory in MEMORIES:
         rope = "absolute" if memory == "full" else "relative"
