@@ -396,8 +396,8 @@ def train(
         task: the setup (networks and losses).
         cfg: optimisation and bookkeeping settings.
         out_dir: receives the checkpoint and (rank 0) ``metrics.jsonl``.
-        fingerprint: JSON-able description of everything that must match on resume (defaults to ``cfg``
-            without ``iters``).
+        fingerprint: JSON-able description of everything that must match on resume (defaults to
+            ``loop_fingerprint(cfg)``: ``cfg`` without the ``RESUME_FREE`` settings).
         resume: continue from ``out_dir``'s checkpoint (error if there is none or it has another fingerprint).
         callback: ``callback(iteration_done, logs)`` after each iteration (for tests and notebooks).
         checkpointer: where state goes (default: ``out_dir/checkpoint.safetensors``).
