@@ -7,6 +7,10 @@ earlier chunks; its output is then written into the cache by a *context pass*::
     x0_c = rollout(G(. | cache), eps_c, sigmas, exit = k)                    (steps < k without gradient)
     cache <- K,V of G(add_noise(sg(x0_c), eps', sigma_ctx) | cache)         (sigma_ctx = 0 by default)
 
+The network is reached only through the causal-flow interface (``salt_ref.models.causal_flow``: a memory, the
+flow through it, the write of a finished chunk), so one rollout serves the KV-cached student, the
+prefix-recomputing reference and the cache-quality experiment (a ``writer`` hook picks what a chunk writes).
+
 The cache's *quality* is the number of steps K of the rollout that wrote it. In cache-aware training the
 student's 2-step rollout writes a low-quality (LQ) cache; a *reference path* (the same student, no gradient, the
 same chunk noise ``eps_c``, the 4-step grid down to the student's exit level) writes its own outputs into a
@@ -18,16 +22,18 @@ Shapes: ``noise [B, C, F, H, W]``; chunks split ``F``; ``context [B, L, D_text]`
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from salt_ref.kv_cache import KVCache, MemoryPolicy
+from salt_ref.models.causal_flow import CausalFlow
 from salt_ref.schedule import add_noise, randn_like
-from salt_ref.updates import OnExit, Rollout, rollout
+from salt_ref.updates import FlowFn, OnExit, Rollout, rollout
 
-__all__ = ["ChunkedRollout", "chunk_bounds", "reference_exit_index", "chunked_rollout"]
+__all__ = ["ChunkedRollout", "Writer", "chunk_bounds", "reference_exit_index", "chunked_rollout"]
 
 
 def chunk_bounds(n_frames: int, chunk_frames: int) -> list[tuple[int, int]]:
@@ -57,73 +63,70 @@ def _cat(parts: list[Tensor | None]) -> Tensor | None:
     return None if parts[0] is None else torch.cat(parts, dim=2)  # type: ignore[arg-type]
 
 
+Writer = Callable[[FlowFn, Tensor, Tensor, "torch.Generator | None"], Tensor]
+"""``writer(flow_c, x0_c, noise_c, replay) -> what to write``: the tensor a finished chunk leaves in the memory.
+
+``flow_c`` is the chunk's flow through the current memory, ``noise_c`` its starting noise and ``replay`` a generator
+that repeats the draws the chunk's own rollout made (``None`` without a generator), so a writer can roll the same
+chunk out again, on another grid, with common random numbers."""
+
+
 def chunked_rollout(
-    model: nn.Module,
+    flow: CausalFlow,
     noise: Tensor,
     sigmas: Tensor,
-    context: Tensor,
     *,
-    chunk_frames: int,
-    policy: MemoryPolicy | str = "full",
-    rope: str = "absolute",
     exit_index: int | None = None,
     generator: torch.Generator | None = None,
     grad_exit: bool = True,
     on_exit: OnExit | None = None,
     reference_sigmas: Tensor | None = None,
     context_sigma: float = 0.0,
+    writer: Writer | None = None,
     mode: str = "renoise",
 ) -> ChunkedRollout:
-    """Chunk-by-chunk backward simulation of a causal ``model`` through a KV cache (and an optional HQ reference).
+    """Chunk-by-chunk backward simulation of a causal network through its memory (and an optional HQ reference).
 
     Args:
-        model: a causal :class:`~salt_ref.models.wan.WanModel` (``new_cache``, ``kv_cache=``, ``commit=``).
+        flow: the causal network on one prompt batch (:class:`~salt_ref.models.causal_flow.CausalFlow`: a KV
+            cache under a memory policy, or the prefix-recomputing reference); it sets the chunk length.
         noise: starting noise of the whole video ``[B, C, F, H, W]`` (chunk ``c`` uses its frames).
         sigmas: the step list ``[K + 1]``; every chunk exits at ``exit_index`` (shared, as Self-Forcing).
-        context: the prompt's text states for every forward.
-        chunk_frames: latent frames per chunk.
-        policy: the cache's memory policy (``full``, ``window:N``, ``sink:S+window:N``).
-        rope: ``absolute`` or window-``relative`` RoPE positions.
-        on_exit: evaluated per chunk at its exit step, with the chunk's cache current (SC-DMD's target).
+        on_exit: evaluated per chunk at its exit step, with the chunk's memory current (SC-DMD's target).
         reference_sigmas: if given, also run the reference path on this grid down to the exit level, with its
-            own cache; its outputs are returned as ``x0_ref``.
-        context_sigma: noise level of the context pass that writes each finished chunk into the cache.
+            own memory; its outputs are returned as ``x0_ref``.
+        context_sigma: noise level of the context pass that writes each finished chunk into the memory.
+        writer: what a finished chunk writes (default: its own output ``x0_c``); e.g. the cache-quality experiment
+            writes a 4-step output of the same chunk into an HQ memory while showing the 2-step one.
     """
     if noise.ndim != 5:
         raise ValueError(f"noise must be [B, C, F, H, W], got {tuple(noise.shape)}")
     b, _, n_f, h, w = noise.shape
-    bounds = chunk_bounds(n_f, chunk_frames)
+    bounds = chunk_bounds(n_f, flow.chunk_frames)
     k_exit = sigmas.numel() - 2 if exit_index is None else exit_index
-    # under autocast the keys are computed in the autocast dtype (bf16 at scale): store them so, not in fp32
-    amp = noise.device.type
-    dtype = torch.get_autocast_dtype(amp) if torch.is_autocast_enabled(amp) else None
-    cache = model.new_cache(
-        policy, batch=b, frames_hw=(h, w), max_frames=n_f, rope=rope, device=noise.device, dtype=dtype
-    )
-    ref_cache: list[KVCache] | None = None
-    k_ref = None
+    cache = flow.new_cache(b, n_f, (h, w), noise.device)
+    ref_cache, k_ref = None, None
     if reference_sigmas is not None:
-        ref_cache = model.new_cache(
-            policy, batch=b, frames_hw=(h, w), max_frames=n_f, rope=rope, device=noise.device, dtype=dtype
-        )
+        ref_cache = flow.new_cache(b, n_f, (h, w), noise.device)
         k_ref = reference_exit_index(reference_sigmas, float(sigmas[k_exit]))
 
-    def flow_on(kv: list[KVCache], start: int):
-        return lambda x, sigma: model(x, sigma * 1000.0, context, kv_cache=kv, start_frame=start)
-
-    def write(kv: list[KVCache], x0: Tensor, start: int) -> None:
+    def write(memory: Any, x0: Tensor, start: int) -> None:
         with torch.no_grad():
             ctx = add_noise(x0.detach(), randn_like(x0, generator), context_sigma)
-            t_ctx = torch.full((b,), context_sigma * 1000.0, device=x0.device, dtype=x0.dtype)
-            model(ctx, t_ctx, context, kv_cache=kv, start_frame=start, commit=True)
+            flow.write(memory, ctx, context_sigma, start)
 
     per_chunk: list[Rollout] = []
     refs: list[Tensor] = []
     seconds: list[float] = []
     for s, e in bounds:
         t0 = time.perf_counter()
+        flow_c = flow.flow(cache, s)
+        replay = None
+        if writer is not None and generator is not None:
+            replay = torch.Generator(generator.device)
+            replay.set_state(generator.get_state())
         ro = rollout(
-            flow_on(cache, s),
+            flow_c,
             noise[:, :, s:e],
             sigmas,
             mode=mode,
@@ -133,11 +136,15 @@ def chunked_rollout(
             on_exit=on_exit,
         )
         per_chunk.append(ro)
-        write(cache, ro.x0, s)
+        if writer is None:
+            write(cache, ro.x0, s)
+        else:
+            with torch.no_grad():
+                write(cache, writer(flow_c, ro.x0, noise[:, :, s:e], replay), s)
         if ref_cache is not None:
             with torch.no_grad():
                 ref = rollout(
-                    flow_on(ref_cache, s),
+                    flow.flow(ref_cache, s),
                     noise[:, :, s:e],
                     reference_sigmas,
                     mode=mode,

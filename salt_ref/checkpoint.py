@@ -1,27 +1,41 @@
-r"""Training state in one safetensors file, written atomically, readable back bit for bit.
+r"""Training checkpoints: the safetensors format, and the two checkpointers the loop saves and resumes through.
 
-A state is a flat ``{name: tensor}`` map plus a JSON header (safetensors metadata ``{"salt_ref": json}``).
+**Format.** A state is a flat ``{name: tensor}`` map plus a JSON header (safetensors metadata ``{"salt_ref": json}``).
 Module weights go in as ``"<prefix>.<param name>"``; an optimizer's per-parameter tensors as
 ``"<prefix>.state.<index>.<key>"`` with its ``param_groups`` in the header; RNG states as uint8 tensors.
 Writes go to a temporary file in the same directory, are flushed to disk, then ``os.replace``d over the
 target, so a run killed mid-write leaves the previous checkpoint intact.
+
+**Checkpointers** (:class:`Checkpointer`): :class:`SafetensorsCheckpointer` writes one such file per run (single
+process); :class:`DCPCheckpointer` writes a sharded ``torch.distributed.checkpoint`` folder under FSDP2. Both
+store the run's *fingerprint* (what must stay equal on resume) and refuse to load into a run with another one,
+naming every differing field with both values.
+
+This module does not import :mod:`salt_ref.loop`: the loop's training state reaches the checkpointers by duck
+typing (see :class:`Checkpointer`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 __all__ = [
+    "CHECKPOINT_NAME",
     "CheckpointMismatchError",
+    "Checkpointer",
+    "SafetensorsCheckpointer",
+    "DCPCheckpointer",
     "save_atomic",
     "load_state",
     "read_header",
@@ -31,6 +45,7 @@ __all__ = [
     "load_optimizer_tensors",
 ]
 
+CHECKPOINT_NAME = "checkpoint.safetensors"
 _META_KEY = "salt_ref"
 
 
@@ -122,3 +137,195 @@ def load_optimizer_tensors(
         if "betas" in g:
             g["betas"] = tuple(g["betas"])
     opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _world() -> tuple[int, int]:
+    """``(rank, world size)``; ``(0, 1)`` outside ``torch.distributed``."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+_MISSING = object()
+_MAX_LISTED = 8  # differing fields named in a refused resume; the rest are counted
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; an empty dict is a leaf."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _shown(v: Any) -> str:
+    return "absent" if v is _MISSING else repr(v)
+
+
+def _check_fingerprint(path: Path, theirs: dict[str, Any], ours: dict[str, Any]) -> None:
+    """Refuse a resume whose fingerprint differs, naming each differing leaf field with both values."""
+    if theirs == ours:
+        return
+    flat_theirs, flat_ours = _flatten(theirs), _flatten(ours)
+    keys = list(flat_ours) + [k for k in flat_theirs if k not in flat_ours]  # the run's order, then the extra ones
+    diffs = [
+        f"{k}: checkpoint {_shown(flat_theirs.get(k, _MISSING))}, now {_shown(flat_ours.get(k, _MISSING))}"
+        for k in keys
+        if flat_theirs.get(k, _MISSING) != flat_ours.get(k, _MISSING)
+    ]
+    if not diffs:  # only a flattening ambiguity (a key with a dot in it) could get here
+        diffs = [f"{k}: differs" for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
+    if len(diffs) > _MAX_LISTED:
+        diffs = diffs[:_MAX_LISTED] + [f"and {len(diffs) - _MAX_LISTED} more"]
+    raise CheckpointMismatchError(
+        f"{path} was written by another config: {'; '.join(diffs)}; use a new --out or the same settings"
+    )
+
+
+class Checkpointer(Protocol):
+    """Where the loop keeps its training state; :func:`salt_ref.loop.train` calls these on every rank.
+
+    ``state`` is the loop's training state, used by duck typing (this module does not import the loop):
+
+    - ``state.task``: the task, with ``generator: nn.Module`` and ``critic: nn.Module | None``;
+    - ``state.ema: nn.Module``, ``state.opt_gen: Optimizer``, ``state.opt_critic: Optimizer | None``
+      (``None`` exactly when the task has no critic);
+    - ``state.done: int``: generator iterations done (read on save, set on load);
+    - ``state.rng_tensors() -> dict[str, Tensor]`` and ``state.set_rng(tensors)``: this rank's random
+      generators as uint8 tensors, and their restore.
+
+    ``fingerprint`` is the JSON-able description of what the run must keep equal on resume: ``save`` stores it,
+    ``load`` refuses (:class:`CheckpointMismatchError`) a checkpoint that stored another one.
+    """
+
+    path: Path
+
+    def exists(self) -> bool: ...
+
+    def iteration(self) -> int: ...
+
+    def save(self, state: Any, fingerprint: dict[str, Any]) -> None: ...
+
+    def load(self, state: Any, fingerprint: dict[str, Any]) -> None: ...
+
+
+class SafetensorsCheckpointer:
+    """One safetensors file per run (single process), in the format above, replaced atomically."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def iteration(self) -> int:
+        return int(read_header(self.path)["iteration"])
+
+    def save(self, state: Any, fingerprint: dict[str, Any]) -> None:
+        task = state.task
+        tensors = {**module_tensors("generator", task.generator), **module_tensors("ema", state.ema)}
+        opt_t, opt_h = optimizer_tensors("opt_gen", state.opt_gen)
+        tensors.update(opt_t)
+        header: dict[str, Any] = {"iteration": state.done, "config": fingerprint, "opt_gen": opt_h}
+        if state.opt_critic is not None:
+            tensors.update(module_tensors("critic", task.critic))
+            opt_t, header["opt_critic"] = optimizer_tensors("opt_critic", state.opt_critic)
+            tensors.update(opt_t)
+        tensors.update(state.rng_tensors())
+        save_atomic(self.path, tensors, header)
+
+    def load(self, state: Any, fingerprint: dict[str, Any]) -> None:
+        _check_fingerprint(self.path, read_header(self.path).get("config", {}), fingerprint)
+        tensors, header = load_state(self.path)
+        task = state.task
+        load_module_tensors("generator", task.generator, tensors)
+        load_module_tensors("ema", state.ema, tensors)
+        load_optimizer_tensors("opt_gen", state.opt_gen, tensors, header["opt_gen"])
+        if state.opt_critic is not None:
+            load_module_tensors("critic", task.critic, tensors)
+            load_optimizer_tensors("opt_critic", state.opt_critic, tensors, header["opt_critic"])
+        state.set_rng(tensors)
+        state.done = int(header["iteration"])
+
+
+class DCPCheckpointer:
+    """A sharded ``torch.distributed.checkpoint`` folder for FSDP2 runs, written to ``<dir>.tmp`` then renamed.
+
+    Holds ``generator``, ``ema``, ``critic`` and both optimizers (each rank writes its shards), one
+    ``rng_rank<r>.pt`` per rank, and ``meta.json`` with the iteration, the run's fingerprint and its world size.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def exists(self) -> bool:
+        return (self.path / "meta.json").exists()
+
+    def iteration(self) -> int:
+        return int(json.loads((self.path / "meta.json").read_text())["iteration"])
+
+    @staticmethod
+    def _state_dicts(state: Any) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+        task = state.task
+        g_sd, g_opt = get_state_dict(task.generator, state.opt_gen)
+        out = {"generator": g_sd, "opt_gen": g_opt, "ema": get_model_state_dict(state.ema)}
+        if state.opt_critic is not None:
+            out["critic"], out["opt_critic"] = get_state_dict(task.critic, state.opt_critic)
+        return out
+
+    def save(self, state: Any, fingerprint: dict[str, Any]) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        rank, world = _world()
+        tmp, old = self.path.with_name(self.path.name + ".tmp"), self.path.with_name(self.path.name + ".old")
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        _barrier()
+        dcp.save(self._state_dicts(state), checkpoint_id=str(tmp))
+        torch.save(state.rng_tensors(), tmp / f"rng_rank{rank}.pt")
+        _barrier()
+        if rank == 0:
+            meta = {"iteration": state.done, "config": fingerprint, "world_size": world}
+            (tmp / "meta.json").write_text(json.dumps(meta))
+            if self.path.exists():
+                self.path.rename(old)
+            tmp.rename(self.path)
+            shutil.rmtree(old, ignore_errors=True)
+        _barrier()
+
+    def load(self, state: Any, fingerprint: dict[str, Any]) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+
+        meta = json.loads((self.path / "meta.json").read_text())
+        _check_fingerprint(self.path, meta["config"], fingerprint)
+        rank, world = _world()
+        if meta["world_size"] != world:
+            raise CheckpointMismatchError(
+                f"{self.path} was written by {meta['world_size']} ranks, this run has {world}: the per-rank "
+                "random streams would not continue; resume with the same number of processes"
+            )
+        sds = self._state_dicts(state)
+        dcp.load(sds, checkpoint_id=str(self.path))
+        task = state.task
+        set_state_dict(
+            task.generator, state.opt_gen, model_state_dict=sds["generator"], optim_state_dict=sds["opt_gen"]
+        )
+        set_model_state_dict(state.ema, sds["ema"])
+        if state.opt_critic is not None:
+            set_state_dict(
+                task.critic, state.opt_critic, model_state_dict=sds["critic"], optim_state_dict=sds["opt_critic"]
+            )
+        state.set_rng(torch.load(self.path / f"rng_rank{rank}.pt"))
+        state.done = int(meta["iteration"])

@@ -2,7 +2,7 @@ r"""Few-step distillation objectives built from the core maths: DMD, SC-DMD, Sal
 
 One generator iteration of DMD / SC-DMD (Self-Forcing backward simulation over mixed step lists):
 
-    (n, sigmas, k) ~ StepLists          n in {8, 4, 2} w.p. {0.4, 0.4, 0.2}; exit index k ~ U{0..n-1}
+    (n, k) ~ Recipe.draw_step_list      n in {8, 4, 2} w.p. {0.4, 0.4, 0.2}; exit index k ~ U{0..n-1}
     x0 = rollout(G, eps, sigmas, exit=k)            steps < k without gradient, step k with gradient
     L  = L_DMD(x0) + lambda * L_SC(x_k, sigma_k, v_k)   (SC only for n = 8 and k < 7; lambda = 0.2)
 
@@ -10,7 +10,9 @@ The critic sees a fresh no-grad rollout drawn the same way and fits it by flow m
 Salt adds, on 2-step draws exiting at step 1 (after a start iteration), ``0.1 * L_align(x0, x0_ref)`` where the
 chunk-wise rollout also ran its high-quality reference path (``salt_ref.cache_condition``,
 ``salt_ref.feature_align``). The SC target is built at the exit step through the rollout's ``on_exit`` hook so
-that a chunk-wise rollout evaluates ``v2`` with that chunk's KV cache.
+that a chunk-wise rollout evaluates ``v2`` with that chunk's KV cache. Every number above is the
+:class:`~salt_ref.recipe.Recipe`'s (the defaults shown); :meth:`DMDObjective.plan` is the one place that decides
+which terms a draw ``(n, k, iteration)`` takes.
 
 Consistency distillation (the trajectory baseline the paper contrasts with), on a fine grid
 ``tau_0 = 1 > ... > tau_N = 0``: from data ``x0``, ``x_{n} = add_noise(x0, eps, tau_n)``, one teacher DDIM step
@@ -24,21 +26,22 @@ setups can pass a chunk-wise rollout with a KV cache, and networks are ``FlowFn`
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from salt_ref import dmd, feature_align, sc_dmd
-from salt_ref.schedule import add_noise, denoising_sigmas, randn_like, x0_from_flow
+from salt_ref.recipe import Recipe
+from salt_ref.schedule import add_noise, randn_like, sigma_to_t, x0_from_flow
 from salt_ref.updates import FlowFn, OnExit, Rollout, ddim_update, rollout
 
 __all__ = [
     "as_flow",
-    "StepLists",
-    "AlignConfig",
+    "Draw",
     "RolloutFn",
     "DMDObjective",
+    "default_rollout",
     "consistency_distillation_loss",
     "METHODS",
 ]
@@ -53,81 +56,72 @@ def as_flow(model: nn.Module, **condition: Tensor) -> FlowFn:
     """Wrap a network ``model(x, t, **condition)`` taking ``t = 1000 sigma`` as a ``flow_fn(x, sigma)``."""
 
     def flow_fn(x: Tensor, sigma: Tensor) -> Tensor:
-        return model(x, sigma * 1000.0, **condition)
+        return model(x, sigma_to_t(sigma), **condition)
 
     return flow_fn
 
 
-@dataclass
-class StepLists:
-    """Mixed few-step lists and their draw probabilities (raw lists warped by ``shift``).
+@dataclass(frozen=True)
+class Draw:
+    """One iteration's shared choices and the loss terms they switch on.
 
-    ``draw`` returns ``(n_steps, sigmas [n + 1], exit_index)`` with the exit index uniform in ``[0, n)``.
+    Attributes:
+        n_steps: the step list drawn; ``sigmas [n + 1]`` its levels; ``exit_index`` the exit step ``k``.
+        sc_points: ``(sigma_e, sigma_m)`` of the SC term, or ``None`` when the SC term is not taken.
+        align: whether the cache-conditioned alignment (and its reference path) is taken.
     """
 
-    steps: tuple[int, ...] = (8, 4, 2)
-    probs: tuple[float, ...] = (0.4, 0.4, 0.2)
-    shift: float = 5.0
-    lists: dict[int, Tensor] = field(init=False)
-
-    def __post_init__(self) -> None:
-        if len(self.steps) != len(self.probs) or abs(sum(self.probs) - 1) > 1e-6:
-            raise ValueError(f"steps {self.steps} and probs {self.probs} must pair up and probs sum to 1")
-        self.lists = {n: denoising_sigmas(n, self.shift) for n in self.steps}
-
-    def draw(self, generator: torch.Generator | None = None) -> tuple[int, Tensor, int]:
-        j = int(torch.multinomial(torch.tensor(self.probs), 1, generator=generator))
-        n = self.steps[j]
-        k = int(torch.randint(n, (1,), generator=generator))
-        return n, self.lists[n], k
-
-
-@dataclass
-class AlignConfig:
-    """Cache-aware feature alignment: on 2-step draws exiting at step 1, from iteration ``start``."""
-
-    weight: float = 0.1
-    start: int = 1000
-    margin: float = 0.1
-    steps: int = 2
-    exit_index: int = 1
-    reference_steps: int = 4
+    n_steps: int
+    sigmas: Tensor
+    exit_index: int
+    sc_points: tuple[float, float] | None
+    align: bool
 
 
 @dataclass
 class DMDObjective:
-    """DMD (``sc_weight = 0``), SC-DMD, or Salt (plus ``align``) generator and critic losses.
+    """DMD, SC-DMD or Salt generator and critic losses, as the ``recipe`` switches the terms.
 
     Attributes:
+        recipe: the method's settings (step lists, shift, DMD levels, SC and alignment terms).
         rollout_fn: the generator's rollout (``rollout_fn(noise, sigmas, *, exit_index, generator, grad_exit,
             on_exit, reference_sigmas)``).
         noise_fn: ``noise_fn(generator) -> eps [B, ...]`` starting noise for one rollout.
         real_flow: the teacher with CFG folded in; ``fake_flow``: the critic.
-        step_lists: the mixed lists; ``shift``: DMD's re-noising warp.
-        sc_weight: lambda of the SC term (0 gives plain DMD); ``sc_fine_steps``: lists on which SC is taken.
-        sc_target: ``"live"`` (v2 from the student, as the public code) or ``"ema"`` (from its EMA).
-        align, feature_fn, frames: cache-aware alignment (Salt): ``feature_fn(x, sigma)`` taps the frozen
-            teacher's hidden states of videos with ``frames`` latent frames (see ``salt_ref.feature_align``).
+        feature_fn, frames: cache-aware alignment (Salt): ``feature_fn(x, sigma)`` taps the frozen teacher's hidden
+            states of videos with ``frames`` latent frames (see ``salt_ref.feature_align``).
     """
 
+    recipe: Recipe
     rollout_fn: RolloutFn
     noise_fn: Callable[[torch.Generator | None], Tensor]
     real_flow: FlowFn
     fake_flow: FlowFn
-    step_lists: StepLists = field(default_factory=StepLists)
-    shift: float = 5.0
-    sc_weight: float = 0.0
-    sc_fine_steps: int = 8
-    sc_target: str = "live"
-    align: AlignConfig | None = None
     feature_fn: Callable[[Tensor, Tensor], Tensor] | None = None
     frames: int = 1
 
     def __post_init__(self) -> None:
-        if self.sc_target not in ("live", "ema"):
-            raise ValueError(f"sc_target must be 'live' or 'ema', got {self.sc_target!r}")
-        if self.align is not None and self.feature_fn is None:
+        if self.recipe.align_on and self.feature_fn is None:
             raise ValueError("cache-aware alignment needs a feature_fn (the frozen teacher's hidden states)")
+
+    def plan(self, n_steps: int, exit_index: int, it: int, shared: torch.Generator | None = None) -> Draw:
+        """The terms of a draw of list ``n_steps`` exiting at ``exit_index`` at iteration ``it``."""
+        r = self.recipe
+        sigmas = r.sigmas(n_steps)
+        sc = None
+        if n_steps == r.sc_fine_steps:
+            # drawn even when the SC term is off, so DMD and SC-DMD runs with one seed see the same lists,
+            # exits and noise (common random numbers): their difference is the loss, not the luck of the draw
+            points = sc_dmd.sc_points(sigmas, exit_index, n_segments=r.sc_segments, generator=shared)
+            if points is not None and r.sc_on:
+                sc = points
+        align = r.align_on and it >= r.align_start and (n_steps, exit_index) == (r.align_steps, r.align_exit)
+        return Draw(n_steps, sigmas, exit_index, sc, align)
+
+    def draw(self, it: int, shared: torch.Generator | None = None) -> Draw:
+        """Draw the step list and exit from ``shared`` and :meth:`plan` their terms."""
+        n, k = self.recipe.draw_step_list(shared)
+        return self.plan(n, k, it, shared)
 
     def generator_loss(
         self,
@@ -138,40 +132,57 @@ class DMDObjective:
     ) -> tuple[Tensor, dict[str, float]]:
         """One micro-batch's generator loss and logs. ``shared`` (default ``generator``) draws the choices that
         every rank makes alike: step list, exit step and SC points."""
-        shared = shared or generator
-        n, sigmas, k = self.step_lists.draw(shared)
-        on_exit, sigma_e = None, 0.0
-        if n == self.sc_fine_steps:
-            # drawn even when the SC term is off, so DMD and SC-DMD runs with one seed see the same lists,
-            # exits and noise (common random numbers): their difference is the loss, not the luck of the draw
-            points = sc_dmd.sc_points(sigmas, k, generator=shared)
-            if points is not None and self.sc_weight > 0:
-                sigma_e, sigma_m = points
-                use_ema = self.sc_target == "ema" and ema_flow is not None
+        return self.loss(self.draw(it, shared or generator), generator, ema_flow)
 
-                def on_exit(flow: FlowFn, x: Tensor, sigma: Tensor, v: Tensor) -> Tensor:
-                    return sc_dmd.sc_target(ema_flow if use_ema else flow, x, sigma, v, sigma_m, sigma_e)
+    def loss(
+        self, draw: Draw, generator: torch.Generator | None = None, ema_flow: FlowFn | None = None
+    ) -> tuple[Tensor, dict[str, float]]:
+        """The generator loss of one :class:`Draw`: ``L_DMD`` plus the terms it switches on."""
+        r = self.recipe
+        on_exit: OnExit | None = None
+        sigma_e = 0.0
+        if draw.sc_points is not None:
+            sigma_e, sigma_m = draw.sc_points
+            target = ema_flow if r.sc_target == "ema" and ema_flow is not None else None
 
-        align = (
-            self.align is not None and it >= self.align.start and (n, k) == (self.align.steps, self.align.exit_index)
-        )
-        extra = (
-            {"reference_sigmas": denoising_sigmas(self.align.reference_steps, self.step_lists.shift)} if align else {}
-        )
+            def on_exit(flow: FlowFn, x: Tensor, sigma: Tensor, v: Tensor) -> Tensor:
+                return sc_dmd.sc_target(target or flow, x, sigma, v, sigma_m, sigma_e)
+
+        extra = {"reference_sigmas": r.sigmas(r.align_reference_steps)} if draw.align else {}
         ro = self.rollout_fn(
-            self.noise_fn(generator), sigmas, exit_index=k, generator=generator, on_exit=on_exit, **extra
+            self.noise_fn(generator),
+            draw.sigmas,
+            exit_index=draw.exit_index,
+            generator=generator,
+            on_exit=on_exit,
+            **extra,
         )
-        out = dmd.dmd_generator_loss(ro.x0, self.real_flow, self.fake_flow, shift=self.shift, generator=generator)
-        loss, logs = out.loss, {"loss_dmd": out.loss.item(), "n_steps": n, "exit": k}
+        out = dmd.dmd_generator_loss(
+            ro.x0,
+            self.real_flow,
+            self.fake_flow,
+            shift=r.shift,
+            sigma_min=r.dmd_sigma_min,
+            sigma_max=r.dmd_sigma_max,
+            generator=generator,
+        )
+        loss, logs = out.loss, {"loss_dmd": out.loss.item(), "n_steps": draw.n_steps, "exit": draw.exit_index}
         if ro.exit_extra is not None:
             l_sc = sc_dmd.sc_loss_from_target(ro.x_exit, ro.sigma_exit, ro.v_exit, ro.exit_extra, sigma_e)
-            loss = loss + self.sc_weight * l_sc
+            loss = loss + r.sc_weight * l_sc
             logs["loss_sc"] = l_sc.item()
-        if align:
+        if draw.align:
             l_align = feature_align.alignment_loss(
-                self.feature_fn, ro.x0, ro.x0_ref, frames=self.frames, margin=self.align.margin, generator=generator
+                self.feature_fn,
+                ro.x0,
+                ro.x0_ref,
+                frames=self.frames,
+                shift=r.shift,
+                margin=r.align_margin,
+                t_max=r.align_t_max,
+                generator=generator,
             )
-            loss = loss + self.align.weight * l_align
+            loss = loss + r.align_weight * l_align
             logs["loss_align"] = l_align.item()
         logs["loss_gen"] = loss.item()
         return loss, logs
@@ -179,11 +190,14 @@ class DMDObjective:
     def critic_loss(
         self, generator: torch.Generator | None = None, shared: torch.Generator | None = None
     ) -> tuple[Tensor, dict[str, float]]:
-        _, sigmas, k = self.step_lists.draw(shared or generator)
+        r = self.recipe
+        n, k = r.draw_step_list(shared or generator)
         with torch.no_grad():
             noise = self.noise_fn(generator)
-            x0 = self.rollout_fn(noise, sigmas, exit_index=k, generator=generator, grad_exit=False).x0
-        loss = dmd.critic_loss(self.fake_flow, x0, shift=self.shift, generator=generator)
+            x0 = self.rollout_fn(noise, r.sigmas(n), exit_index=k, generator=generator, grad_exit=False).x0
+        loss = dmd.critic_loss(
+            self.fake_flow, x0, shift=r.shift, sigma_min=r.dmd_sigma_min, sigma_max=r.dmd_sigma_max, generator=generator
+        )
         return loss, {"loss_critic": loss.item()}
 
 

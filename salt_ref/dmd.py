@@ -2,9 +2,9 @@ r"""Distribution Matching Distillation: the generator loss and the critic ("fake
 
 Given a generated sample ``x0 [B, ...]`` (with gradient), DMD re-noises it and compares two denoisers:
 
-    sigma ~ warp(U[0, 1), shift) clipped so that t = 1000 sigma lies in [20, 980]      (one per sample)
+    sigma ~ warp(U[0, 1), shift) clipped to [sigma_min, sigma_max] = [0.02, 0.98], t = 1000 sigma   (per sample)
     x_sigma = (1 - sigma) x0 + sigma eps
-    x0_real = real(x_sigma, sigma)        (teacher, with CFG:  cond + s * (cond - uncond))
+    x0_real = real(x_sigma, sigma)        (teacher, with CFG:  cond + cfg_scale * (cond - uncond), cfg_scale = 3)
     x0_fake = fake(x_sigma, sigma)        (critic, trained on the generator's samples, no CFG)
     g       = (x0_fake - x0_real) / mean_{per sample} |x0 - x0_real|
     L_DMD   = 0.5 * mean((x0 - sg(x0 - g))^2)
@@ -15,6 +15,8 @@ denoised estimate and away from the critic's, i.e. along ``score_real - score_fa
 The critic is an ordinary flow-matching denoiser on ``sg(x0)``: ``L_fake = mean((v_fake - (eps - x0))^2)``.
 
 Both teacher and critic are flow networks here (``flow_fn(x, sigma [B]) -> v``); ``x0 = x_sigma - sigma v``.
+A non-finite teacher or critic output is not masked: it makes the loss non-finite, and the loop stops the run.
+The shift has no default here: it is the recipe's (``salt_ref.recipe.Recipe.shift``), passed by every caller.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from salt_ref.schedule import add_noise, randn_like, sample_sigmas, x0_from_flow
 from salt_ref.updates import FlowFn
 
 __all__ = [
+    "CFG_SCALE",
     "DMD_SIGMA_MIN",
     "DMD_SIGMA_MAX",
     "cfg",
@@ -41,6 +44,7 @@ __all__ = [
 
 DMD_SIGMA_MIN = 0.02  # t = 20
 DMD_SIGMA_MAX = 0.98  # t = 980
+CFG_SCALE = 3.0  # Self-Forcing / Salt's guidance on Wan (standard weight 4)
 
 
 def cfg(cond: Tensor, uncond: Tensor, scale: float) -> Tensor:
@@ -54,17 +58,19 @@ def cfg(cond: Tensor, uncond: Tensor, scale: float) -> Tensor:
 def sample_dmd_sigmas(
     batch: int,
     *,
-    shift: float = 5.0,
+    shift: float,
+    sigma_min: float = DMD_SIGMA_MIN,
+    sigma_max: float = DMD_SIGMA_MAX,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> Tensor:
-    """DMD's re-noising levels ``[B]``: uniform, warped by ``shift``, clipped to ``[0.02, 0.98]``."""
+    """DMD's re-noising levels ``[B]``: uniform, warped by ``shift``, clipped to ``[sigma_min, sigma_max]``."""
     return sample_sigmas(
         batch,
         kind="uniform",
         shift=shift,
-        sigma_min=DMD_SIGMA_MIN,
-        sigma_max=DMD_SIGMA_MAX,
+        sigma_min=sigma_min,
+        sigma_max=sigma_max,
         generator=generator,
         device=device,
     )
@@ -73,13 +79,14 @@ def sample_dmd_sigmas(
 def dmd_direction(x0: Tensor, x0_real: Tensor, x0_fake: Tensor, eps: float = 1e-8) -> Tensor:
     """Normalised DMD direction ``g = (x0_fake - x0_real) / mean|x0 - x0_real|`` per sample ``[B, ...]``.
 
-    The normaliser is floored at ``eps`` so a generator that already equals the teacher gives a finite ``g``.
+    The normaliser is floored at ``eps`` so a generator that already equals the teacher gives a finite ``g``;
+    a NaN/inf in the inputs stays in ``g`` (masking it would train on a broken teacher with gradient 0).
     """
     # a 1-d batch [B] has no per-sample dims: mean over () would reduce over everything in torch
     diff = (x0 - x0_real).abs()
     normaliser = diff if x0.ndim == 1 else diff.mean(dim=tuple(range(1, x0.ndim)), keepdim=True)
     normaliser = normaliser.clamp_min(eps)
-    return torch.nan_to_num((x0_fake - x0_real) / normaliser)
+    return (x0_fake - x0_real) / normaliser
 
 
 def dmd_loss(x0: Tensor, x0_real: Tensor, x0_fake: Tensor) -> Tensor:
@@ -105,7 +112,9 @@ def dmd_generator_loss(
     real_flow: FlowFn,
     fake_flow: FlowFn,
     *,
-    shift: float = 5.0,
+    shift: float,
+    sigma_min: float = DMD_SIGMA_MIN,
+    sigma_max: float = DMD_SIGMA_MAX,
     generator: torch.Generator | None = None,
     sigma: Tensor | None = None,
     noise: Tensor | None = None,
@@ -117,12 +126,15 @@ def dmd_generator_loss(
         real_flow: the teacher's flow (CFG already folded in), ``(x, sigma [B]) -> v``.
         fake_flow: the critic's flow.
         shift: warp of the re-noising level distribution.
+        sigma_min, sigma_max: its clipping range.
         sigma: fix the re-noising level ``[B]`` (drawn if ``None``).
         noise: fix the noise ``[B, ...]`` (drawn if ``None``).
     """
     batch = x0.shape[0]
     if sigma is None:
-        sigma = sample_dmd_sigmas(batch, shift=shift, generator=generator, device=x0.device)
+        sigma = sample_dmd_sigmas(
+            batch, shift=shift, sigma_min=sigma_min, sigma_max=sigma_max, generator=generator, device=x0.device
+        )
     sigma = sigma.to(x0)
     if noise is None:
         noise = randn_like(x0, generator)
@@ -137,7 +149,9 @@ def critic_loss(
     fake_flow: FlowFn,
     x0: Tensor,
     *,
-    shift: float = 5.0,
+    shift: float,
+    sigma_min: float = DMD_SIGMA_MIN,
+    sigma_max: float = DMD_SIGMA_MAX,
     generator: torch.Generator | None = None,
     sigma: Tensor | None = None,
     noise: Tensor | None = None,
@@ -148,7 +162,9 @@ def critic_loss(
     """
     x0 = x0.detach()
     if sigma is None:
-        sigma = sample_dmd_sigmas(x0.shape[0], shift=shift, generator=generator, device=x0.device)
+        sigma = sample_dmd_sigmas(
+            x0.shape[0], shift=shift, sigma_min=sigma_min, sigma_max=sigma_max, generator=generator, device=x0.device
+        )
     sigma = sigma.to(x0)
     if noise is None:
         noise = randn_like(x0, generator)

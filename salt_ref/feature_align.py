@@ -22,12 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from salt_ref.schedule import add_noise, randn_like, warp
+from salt_ref.dmd import DMD_SIGMA_MAX, DMD_SIGMA_MIN
+from salt_ref.schedule import T_SCALE, add_noise, randn_like, warp
 
-__all__ = ["ALIGN_WEIGHT", "TRD_MARGIN", "token_relation_loss", "sample_align_sigmas", "alignment_loss"]
+__all__ = ["ALIGN_WEIGHT", "TRD_MARGIN", "ALIGN_T_MAX", "token_relation_loss", "sample_align_sigmas", "alignment_loss"]
 
 ALIGN_WEIGHT = 0.1
 TRD_MARGIN = 0.1
+ALIGN_T_MAX = 200.0  # alignment levels t ~ U[0, 200]: nearly clean, so the features see the chunk's content
 
 FeatureFn = Callable[[Tensor, Tensor], Tensor]
 """``feature_fn(x [B, C, F, H, W], sigma [B]) -> hidden states [B, F * S, D]`` of a frozen network."""
@@ -46,11 +48,11 @@ def token_relation_loss(feat: Tensor, feat_ref: Tensor, frames: int, margin: flo
 
 
 def sample_align_sigmas(
-    batch: int, *, t_max: float = 200.0, shift: float = 5.0, generator: torch.Generator | None = None
+    batch: int, *, shift: float, t_max: float = ALIGN_T_MAX, generator: torch.Generator | None = None
 ) -> Tensor:
     """Alignment noise levels ``[B]``: ``t ~ U[0, t_max]``, warped by ``shift``, clipped to ``[0.02, 0.98]``."""
-    u = torch.rand(batch, generator=generator) * (t_max / 1000.0)
-    return warp(u, shift).clamp(0.02, 0.98)
+    u = torch.rand(batch, generator=generator) * (t_max / T_SCALE)
+    return warp(u, shift).clamp(DMD_SIGMA_MIN, DMD_SIGMA_MAX)
 
 
 def alignment_loss(
@@ -59,12 +61,16 @@ def alignment_loss(
     x0_ref: Tensor,
     *,
     frames: int,
+    shift: float,
     margin: float = TRD_MARGIN,
-    shift: float = 5.0,
+    t_max: float = ALIGN_T_MAX,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """TRD between the frozen network's features on ``x0`` (grad) and ``x0_ref`` (no grad), same noise."""
-    sigma = sample_align_sigmas(x0.shape[0], shift=shift, generator=generator).to(x0)
+    """TRD between the frozen network's features on ``x0`` (grad) and ``x0_ref`` (no grad), same noise.
+
+    ``shift`` is the recipe's (the student's schedule): it has no default so it cannot silently differ.
+    """
+    sigma = sample_align_sigmas(x0.shape[0], shift=shift, t_max=t_max, generator=generator).to(x0)
     eps = randn_like(x0, generator)
     with torch.no_grad():
         feat_ref = feature_fn(add_noise(x0_ref.detach(), eps, sigma), sigma)

@@ -30,20 +30,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from salt_ref.cli import boolean, memory_policy
+from salt_ref.kv_cache import MemoryPolicy
 from salt_ref.models.wan import WanConfig, WanModel, load_checkpoint
+from salt_ref.recipe import PRESETS, Recipe
 from salt_ref.video_task import VIDEO_METHODS, EmbeddingPrompts, VideoDistillTask, VideoTaskConfig
 
-__all__ = ["add_arguments", "plan", "main"]
+__all__ = ["add_arguments", "recipe_from_args", "plan", "main"]
 
 RECIPE_ITERS = 600  # Self-Forcing: 600 iterations (< 2 h on 64 H100s)
-
-
-def _bool(s: str) -> bool:
-    if s.lower() in ("true", "1", "yes"):
-        return True
-    if s.lower() in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -58,13 +53,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--teacher-model", choices=["tiny", "1.3B", "14B"], default="14B")
     g = p.add_argument_group("recipe")
     g.add_argument("--method", choices=list(VIDEO_METHODS), default="salt")
-    g.add_argument("--causal", type=_bool, default=True, help="false: bidirectional student (non-AR SC-DMD)")
-    g.add_argument("--memory", default="full", help="KV-cache policy: full, window:N, sink:S+window:N")
+    g.add_argument("--causal", type=boolean, default=True, help="false: bidirectional student (non-AR SC-DMD)")
+    g.add_argument(
+        "--memory", type=memory_policy, default=MemoryPolicy(), help="KV-cache policy: full, window:N, sink:S+window:N"
+    )
     g.add_argument("--latent", default="16x21x60x104", help="latent C x F x H x W (480x832, 81 frames)")
-    g.add_argument("--chunk-frames", type=int, default=3)
-    g.add_argument("--cfg-scale", type=float, default=3.0)
-    g.add_argument("--align-start", type=int, default=1000)
-    g.add_argument("--align-block", type=int, default=20)
+    g.add_argument("--chunk-frames", type=int, default=WanConfig().chunk_frames, help="latent frames per chunk")
+    wan = PRESETS["wan"]
+    g.add_argument("--cfg-scale", type=float, default=wan.cfg_scale, help="teacher CFG (cond + s (cond - uncond))")
+    g.add_argument("--align-start", type=int, default=wan.align_start, help="generator iteration the alignment starts")
+    g.add_argument("--align-block", type=int, default=wan.align_block, help="teacher block whose features are aligned")
     g = p.add_argument_group("optimisation")
     g.add_argument("--iters", type=int, default=RECIPE_ITERS)
     g.add_argument("--total-batch", type=int, default=64)
@@ -90,6 +88,11 @@ def _latent(spec: str) -> tuple[int, int, int, int]:
     except ValueError:
         raise ValueError(f"--latent must be CxFxHxW, got {spec!r}") from None
     return c, f, h, w
+
+
+def recipe_from_args(args: argparse.Namespace) -> Recipe:
+    """The run's recipe: the released Wan preset with the recipe flags applied (the method's terms come later)."""
+    return PRESETS["wan"].replace(cfg_scale=args.cfg_scale, align_start=args.align_start, align_block=args.align_block)
 
 
 def _configs(args: argparse.Namespace) -> tuple[WanConfig, WanConfig, WanConfig]:
@@ -203,7 +206,7 @@ def _ema_factory(cfg: WanConfig, student: nn.Module, device: torch.device, distr
 
 
 def main(args: argparse.Namespace) -> int:
-    from salt_ref.loop import DCPCheckpointer, LoopConfig, NonFiniteLossError, loop_fingerprint, train
+    from salt_ref.loop import DCPCheckpointer, LoopConfig, NonFiniteLossError, train
 
     if args.dry_run:
         world = args.gpus or int(os.environ.get("WORLD_SIZE", 1))
@@ -243,12 +246,9 @@ def main(args: argparse.Namespace) -> int:
             method=args.method,
             latent=latent,
             causal=args.causal,
-            chunk_frames=args.chunk_frames,
             memory=args.memory,
-            cfg_scale=args.cfg_scale,
-            align_start=args.align_start,
-            align_block=args.align_block,
             batch=args.batch_per_gpu,
+            recipe=recipe_from_args(args),
         )
         s_cfg, c_cfg, t_cfg = _configs(args)
         ckpt_flag = cuda and not args.no_activation_checkpointing
@@ -289,7 +289,6 @@ def main(args: argparse.Namespace) -> int:
         "task": task_cfg.to_dict(),
         "student": s_cfg.to_dict(),
         "teacher": t_cfg.to_dict(),
-        "loop": loop_fingerprint(loop_cfg),
     }
     out = Path(args.out)
     try:

@@ -129,6 +129,13 @@ class KVCache:
     ):
         if rope not in ("absolute", "relative"):
             raise ValueError(f"rope must be 'absolute' or 'relative', got {rope!r}")
+        for name, value, low in (("batch", batch, 0), ("heads", heads, 1), ("head_dim", head_dim, 1)):
+            if value < low:
+                raise ValueError(f"KVCache: {name} must be >= {low}, got {value}")
+        if tokens_per_frame <= 0:
+            raise ValueError(f"KVCache: tokens_per_frame must be >= 1, got {tokens_per_frame}")
+        if max_frames is not None and max_frames < 1:
+            raise ValueError(f"KVCache: max_frames must be >= 1, got {max_frames}")
         self.policy, self.tpf, self.rope = policy, tokens_per_frame, rope
         self.batch, self.heads, self.head_dim = batch, heads, head_dim
         if policy.bounded:
@@ -159,6 +166,11 @@ class KVCache:
         n_new = length // self.tpf
         if self.policy.bounded and n_new > self.policy.window:
             raise ValueError(f"a chunk of {n_new} frames does not fit a window of {self.policy.window} frames")
+        if not self.policy.bounded and self.n_held + n_new > self.capacity:
+            # checked for view too: a chunk that can be read but never committed would fail one pass later
+            raise ValueError(
+                f"full cache overflow: {self.n_held} + {n_new} frames exceed max_frames={self.capacity}"
+            )
         return n_new
 
     def kept_slots(self, chunk_end: int) -> list[int]:
@@ -191,11 +203,7 @@ class KVCache:
     def commit(self, k_new: Tensor, v_new: Tensor, start_frame: int) -> None:
         """Store a finished chunk (detached). Bounded policies evict the oldest non-sink frames in place."""
         n_new = self._check(k_new, v_new, start_frame)
-        if self.n_held + n_new > self.capacity:
-            if not self.policy.bounded:
-                raise ValueError(
-                    f"full cache overflow: {self.n_held} + {n_new} frames exceed max_frames={self.capacity}"
-                )
+        if self.n_held + n_new > self.capacity:  # bounded policies only: _check refused a full cache's overflow
             sink = min(self.policy.sink, self.n_held)
             evict = self.n_held + n_new - self.capacity
             t, keep_from = self.tpf, sink + evict

@@ -18,15 +18,19 @@ So ``world x A`` fixes the data: 2 processes with ``A = 1`` see exactly the micr
 checkpoint reaches bitwise the same final weights as an uninterrupted run (single process, CPU). A non-finite
 loss or gradient norm stops the run with :class:`NonFiniteLossError`; the last good checkpoint is kept.
 
-Checkpoints are a single safetensors file (:class:`SafetensorsCheckpointer`) or, under FSDP2, a sharded
-``torch.distributed.checkpoint`` folder (:class:`DCPCheckpointer`); both are replaced atomically.
+Checkpoints are written by a :class:`~salt_ref.checkpoint.Checkpointer` from :mod:`salt_ref.checkpoint` (a
+single safetensors file, or a sharded ``torch.distributed.checkpoint`` folder under FSDP2), re-exported here.
+Each stores the run's fingerprint, built by the loop with one rule at every scale: the setup's part (its config,
+recipe, model shapes) plus ``"loop"`` (:func:`loop_fingerprint`: the settings but ``RESUME_FREE``) and
+``"world_x_accum"``; a resume with another fingerprint is refused, naming each differing field.
+
+While it runs, :func:`train` holds ``out_dir/.lock`` (:mod:`salt_ref.run_lock`): one output folder, one live run.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -38,7 +42,14 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from salt_ref import checkpoint as ckpt
+from salt_ref.checkpoint import (
+    CHECKPOINT_NAME,
+    Checkpointer,
+    DCPCheckpointer,
+    SafetensorsCheckpointer,
+    _world,
+)
+from salt_ref.run_lock import RunLock
 
 __all__ = [
     "LoopConfig",
@@ -56,7 +67,6 @@ __all__ = [
     "METRICS_NAME",
 ]
 
-CHECKPOINT_NAME = "checkpoint.safetensors"
 METRICS_NAME = "metrics.jsonl"
 
 
@@ -124,14 +134,11 @@ class LoopResult:
     checkpoint: Path
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 class _State:
-    """Everything a checkpoint holds: networks, EMA, optimizers, generators and the iteration count."""
+    """Everything a checkpoint holds: networks, EMA, optimizers, generators and the iteration count.
+
+    The ``state`` a :class:`~salt_ref.checkpoint.Checkpointer` saves and loads (by duck typing, see there).
+    """
 
     def __init__(self, task: Task, cfg: LoopConfig):
         self.task, self.cfg = task, cfg
@@ -162,145 +169,6 @@ class _State:
         self.shared.set_state(tensors["rng.shared"])
         for j, g in enumerate(self.local):
             g.set_state(tensors[f"rng.local.{j}"])
-
-
-class Checkpointer(Protocol):
-    path: Path
-
-    def exists(self) -> bool: ...
-
-    def iteration(self) -> int: ...
-
-    def save(self, state: _State, fingerprint: dict[str, Any]) -> None: ...
-
-    def load(self, state: _State, fingerprint: dict[str, Any]) -> None: ...
-
-
-def _check_fingerprint(path: Path, theirs: dict[str, Any], ours: dict[str, Any]) -> None:
-    if theirs != ours:
-        diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
-        raise ckpt.CheckpointMismatchError(
-            f"{path} was written by another config (differs in {diff}); use a new --out or the same settings"
-        )
-
-
-class SafetensorsCheckpointer:
-    """One safetensors file per run (single process); see :mod:`salt_ref.checkpoint`."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-
-    def exists(self) -> bool:
-        return self.path.exists()
-
-    def iteration(self) -> int:
-        return int(ckpt.read_header(self.path)["iteration"])
-
-    def save(self, state: _State, fingerprint: dict[str, Any]) -> None:
-        task = state.task
-        tensors = {**ckpt.module_tensors("generator", task.generator), **ckpt.module_tensors("ema", state.ema)}
-        opt_t, opt_h = ckpt.optimizer_tensors("opt_gen", state.opt_gen)
-        tensors.update(opt_t)
-        header: dict[str, Any] = {"iteration": state.done, "config": fingerprint, "opt_gen": opt_h}
-        if state.opt_critic is not None:
-            tensors.update(ckpt.module_tensors("critic", task.critic))
-            opt_t, header["opt_critic"] = ckpt.optimizer_tensors("opt_critic", state.opt_critic)
-            tensors.update(opt_t)
-        tensors.update(state.rng_tensors())
-        ckpt.save_atomic(self.path, tensors, header)
-
-    def load(self, state: _State, fingerprint: dict[str, Any]) -> None:
-        _check_fingerprint(self.path, ckpt.read_header(self.path).get("config", {}), fingerprint)
-        tensors, header = ckpt.load_state(self.path)
-        task = state.task
-        ckpt.load_module_tensors("generator", task.generator, tensors)
-        ckpt.load_module_tensors("ema", state.ema, tensors)
-        ckpt.load_optimizer_tensors("opt_gen", state.opt_gen, tensors, header["opt_gen"])
-        if state.opt_critic is not None:
-            ckpt.load_module_tensors("critic", task.critic, tensors)
-            ckpt.load_optimizer_tensors("opt_critic", state.opt_critic, tensors, header["opt_critic"])
-        state.set_rng(tensors)
-        state.done = int(header["iteration"])
-
-
-class DCPCheckpointer:
-    """A sharded ``torch.distributed.checkpoint`` folder for FSDP2 runs, written to ``<dir>.tmp`` then renamed.
-
-    Holds ``generator``, ``ema``, ``critic`` and both optimizers (each rank writes its shards), one
-    ``rng_rank<r>.pt`` per rank, and ``meta.json`` with the iteration and the run's fingerprint.
-    """
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-
-    def exists(self) -> bool:
-        return (self.path / "meta.json").exists()
-
-    def iteration(self) -> int:
-        return int(json.loads((self.path / "meta.json").read_text())["iteration"])
-
-    @staticmethod
-    def _state_dicts(state: _State) -> dict[str, Any]:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
-
-        task = state.task
-        g_sd, g_opt = get_state_dict(task.generator, state.opt_gen)
-        out = {"generator": g_sd, "opt_gen": g_opt, "ema": get_model_state_dict(state.ema)}
-        if state.opt_critic is not None:
-            out["critic"], out["opt_critic"] = get_state_dict(task.critic, state.opt_critic)
-        return out
-
-    def save(self, state: _State, fingerprint: dict[str, Any]) -> None:
-        import torch.distributed.checkpoint as dcp
-
-        rank, world = _world()
-        tmp, old = self.path.with_name(self.path.name + ".tmp"), self.path.with_name(self.path.name + ".old")
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        _barrier()
-        dcp.save(self._state_dicts(state), checkpoint_id=str(tmp))
-        torch.save(state.rng_tensors(), tmp / f"rng_rank{rank}.pt")
-        _barrier()
-        if rank == 0:
-            meta = {"iteration": state.done, "config": fingerprint, "world_size": world}
-            (tmp / "meta.json").write_text(json.dumps(meta))
-            if self.path.exists():
-                self.path.rename(old)
-            tmp.rename(self.path)
-            shutil.rmtree(old, ignore_errors=True)
-        _barrier()
-
-    def load(self, state: _State, fingerprint: dict[str, Any]) -> None:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
-
-        meta = json.loads((self.path / "meta.json").read_text())
-        _check_fingerprint(self.path, meta["config"], fingerprint)
-        rank, world = _world()
-        if meta["world_size"] != world:
-            raise ckpt.CheckpointMismatchError(
-                f"{self.path} was written by {meta['world_size']} ranks, this run has {world}: the per-rank "
-                "random streams would not continue; resume with the same number of processes"
-            )
-        sds = self._state_dicts(state)
-        dcp.load(sds, checkpoint_id=str(self.path))
-        task = state.task
-        set_state_dict(
-            task.generator, state.opt_gen, model_state_dict=sds["generator"], optim_state_dict=sds["opt_gen"]
-        )
-        set_model_state_dict(state.ema, sds["ema"])
-        if state.opt_critic is not None:
-            set_state_dict(
-                task.critic, state.opt_critic, model_state_dict=sds["critic"], optim_state_dict=sds["opt_critic"]
-            )
-        state.set_rng(torch.load(self.path / f"rng_rank{rank}.pt"))
-        state.done = int(meta["iteration"])
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def _as_float(x: Tensor) -> float:
@@ -375,8 +243,31 @@ RESUME_FREE = ("iters", "ckpt_every", "log_every", "accum_steps")
 
 
 def loop_fingerprint(cfg: LoopConfig) -> dict[str, Any]:
-    """The part of ``cfg`` a checkpoint must agree with on resume (everything but ``RESUME_FREE``)."""
+    """The part of ``cfg`` a checkpoint must agree with on resume (everything but ``RESUME_FREE``).
+
+    :func:`train` stores it under the fingerprint's ``"loop"`` key; setups do not add it themselves.
+    """
     return {k: v for k, v in asdict(cfg).items() if k not in RESUME_FREE}
+
+
+_LOOP_KEYS = ("loop", "world_x_accum")  # the fingerprint keys train owns
+
+
+def _run_fingerprint(setup: dict[str, Any] | None, cfg: LoopConfig, world: int) -> dict[str, Any]:
+    """The setup's part plus the loop's own rule, as JSON will store it (tuples become lists)."""
+    setup = {} if setup is None else setup
+    clash = [k for k in _LOOP_KEYS if k in setup]
+    if clash:
+        raise ValueError(
+            f"fingerprint must not contain {clash}: train adds 'loop' (loop_fingerprint(cfg)) and 'world_x_accum' "
+            "itself; pass only the setup's part (config, recipe, model shapes)"
+        )
+    return json.loads(json.dumps({**setup, "loop": loop_fingerprint(cfg), "world_x_accum": world * cfg.accum_steps}))
+
+
+def _param_device(module: nn.Module) -> torch.device:
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
 
 
 def train(
@@ -395,21 +286,43 @@ def train(
     Args:
         task: the setup (networks and losses).
         cfg: optimisation and bookkeeping settings.
-        out_dir: receives the checkpoint and (rank 0) ``metrics.jsonl``.
-        fingerprint: JSON-able description of everything that must match on resume (defaults to
-            ``loop_fingerprint(cfg)``: ``cfg`` without the ``RESUME_FREE`` settings).
+        out_dir: receives the checkpoint and (rank 0) ``metrics.jsonl``; holds ``.lock`` while the run is alive.
+        fingerprint: JSON-able description of what the setup must keep equal on resume: its config, recipe,
+            model shapes. The loop adds its own part to it, ``"loop"`` (:func:`loop_fingerprint`) and
+            ``"world_x_accum"``, so it must not contain those keys (``ValueError``); default: no setup part.
         resume: continue from ``out_dir``'s checkpoint (error if there is none or it has another fingerprint).
+        progress: show a progress bar (rank 0).
         callback: ``callback(iteration_done, logs)`` after each iteration (for tests and notebooks).
         checkpointer: where state goes (default: ``out_dir/checkpoint.safetensors``).
+
+    Raises:
+        RunLockedError: another live run holds ``out_dir`` (:mod:`salt_ref.run_lock`).
+        CheckpointMismatchError: ``resume`` onto a checkpoint with another fingerprint, naming the fields.
+        FileNotFoundError: ``resume`` without a checkpoint.
+        NonFiniteLossError: a NaN/inf loss or gradient norm; the last good checkpoint is kept.
     """
     rank, world = _world()
+    fingerprint = _run_fingerprint(fingerprint, cfg, world)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # taken before anything is written; under torch.distributed rank 0 holds it and the others wait for it
+    with RunLock(out_dir, device=_param_device(task.generator)):
+        return _train_locked(task, cfg, out_dir, fingerprint, resume, progress, callback, checkpointer)
+
+
+def _train_locked(
+    task: Task,
+    cfg: LoopConfig,
+    out_dir: Path,
+    fingerprint: dict[str, Any],
+    resume: bool,
+    progress: bool,
+    callback: Callable[[int, dict[str, float]], None] | None,
+    checkpointer: Checkpointer | None,
+) -> LoopResult:
+    rank, _ = _world()
     saver = checkpointer or SafetensorsCheckpointer(out_dir / CHECKPOINT_NAME)
     metrics_path = out_dir / METRICS_NAME
-    if fingerprint is None:
-        fingerprint = loop_fingerprint(cfg)
-    fingerprint = json.loads(json.dumps({**fingerprint, "world_x_accum": world * cfg.accum_steps}))
     state = _State(task, cfg)
     if resume:
         if not saver.exists():

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from salt_ref.dmd import cfg as apply_cfg
 from salt_ref.loop import Rng
-from salt_ref.schedule import add_noise, randn_like, sample_sigmas
+from salt_ref.schedule import add_noise, randn_like, sample_sigmas, sigma_to_t
 from salt_ref.updates import ddim_update
 
 __all__ = ["FlowMatchingTask", "ODEPairs", "teacher_trajectories", "ODERegressionTask"]
@@ -53,7 +53,7 @@ class FlowMatchingTask:
         ctx = torch.where(drop.to(ctx.device)[:, None, None], null, ctx)
         eps = randn_like(x0, rng.local)
         sigma = sample_sigmas(x0.shape[0], kind="logit_normal", shift=self.shift, generator=rng.local).to(x0)
-        v = self.generator(add_noise(x0, eps, sigma), sigma * 1000.0, ctx)
+        v = self.generator(add_noise(x0, eps, sigma), sigma_to_t(sigma), ctx)
         loss = (v - (eps - x0)).pow(2).mean()
         return loss, {"loss_fm": loss.item()}
 
@@ -83,9 +83,11 @@ def teacher_trajectories(
     grid: Tensor,
     record: Tensor,
     *,
-    cfg_scale: float = 3.0,
+    cfg_scale: float,
 ) -> ODEPairs:
     """Run the teacher's DDIM with CFG along ``grid [S + 1]`` from ``noise`` and keep the states at ``record``.
+
+    ``grid``, ``record`` and ``cfg_scale`` come from the run's recipe (its shift and guidance); no defaults here.
 
     Every value of ``record`` must be a point of ``grid`` (include 0 to keep the endpoint).
     """
@@ -99,7 +101,7 @@ def teacher_trajectories(
         if i == grid.numel() - 1:
             break
         sigma = grid[i].to(x).expand(x.shape[0])
-        v = teacher(torch.cat([x, x]), torch.cat([sigma, sigma]) * 1000.0, torch.cat([context, null_context]))
+        v = teacher(torch.cat([x, x]), sigma_to_t(torch.cat([sigma, sigma])), torch.cat([context, null_context]))
         v_cond, v_null = v.chunk(2)
         x = ddim_update(x, sigma, grid[i + 1].to(x), apply_cfg(v_cond, v_null, cfg_scale))
     return ODEPairs(torch.stack([states[i] for i in idx], dim=1), record.clone(), context)
@@ -129,7 +131,7 @@ class ODERegressionTask:
         pick = level_f[:, None, None, :, None, None].expand(-1, 1, *states.shape[2:]).to(states.device)
         x = states.gather(1, pick)[:, 0]  # per frame, the state at that frame's chunk level
         sigma_f = p.levels.to(x)[level_f.to(x.device)]  # [B, F]
-        v = self.generator(x, sigma_f * 1000.0, p.context[idx])
+        v = self.generator(x, sigma_to_t(sigma_f), p.context[idx])
         x0_hat = x - sigma_f[:, None, :, None, None] * v
         loss = (x0_hat - p.endpoint[idx]).pow(2).mean()
         return loss, {"loss_ode": loss.item()}

@@ -27,12 +27,13 @@ from torch import Tensor
 from salt_ref.schedule import append_dims
 from salt_ref.updates import FlowFn
 
-__all__ = ["SC_LAMBDA", "coarse_boundaries", "sc_points", "sc_target", "sc_loss", "sc_loss_from_target"]
+__all__ = ["SC_LAMBDA", "SC_SEGMENTS", "coarse_boundaries", "sc_points", "sc_target", "sc_loss", "sc_loss_from_target"]
 
 SC_LAMBDA = 0.2
+SC_SEGMENTS = 4  # coarse segments of the fine list: the 4-step inference grid
 
 
-def coarse_boundaries(fine_sigmas: Tensor, n_segments: int = 4) -> list[float]:
+def coarse_boundaries(fine_sigmas: Tensor, n_segments: int = SC_SEGMENTS) -> list[float]:
     """Segment boundaries of a fine list ``[L + 1]`` (terminal 0 included): ``steps[j L / n]`` for j < n, then 0.
 
     For the warped 8-step list these are the 4-step inference grid ``[1, .9375, .8333, .625]`` plus 0.
@@ -48,7 +49,7 @@ def sc_points(
     fine_sigmas: Tensor,
     exit_index: int,
     *,
-    n_segments: int = 4,
+    n_segments: int = SC_SEGMENTS,
     generator: torch.Generator | None = None,
 ) -> tuple[float, float] | None:
     """Draw ``(sigma_e, sigma_m)`` for an exit at ``fine_sigmas[exit_index]``, or ``None`` at the last step.

@@ -25,6 +25,7 @@ from torch import Tensor
 
 __all__ = [
     "T_SCALE",
+    "SHIFT",
     "append_dims",
     "sigma_to_t",
     "t_to_sigma",
@@ -41,6 +42,7 @@ __all__ = [
 ]
 
 T_SCALE = 1000.0  # network timestep per unit of sigma
+SHIFT = 5.0  # Wan 2.1's shift at 480p, the default of salt_ref.recipe.Recipe (functions here take it explicitly)
 
 
 def append_dims(sigma: Tensor | float, x: Tensor) -> Tensor:

@@ -19,29 +19,22 @@ import sys
 import time
 from pathlib import Path
 
+from salt_ref.cli import Parser, memory_policy
+from salt_ref.recipe import PRESETS
+
 __all__ = ["main", "build_parser"]
-
-# Toy optimisation defaults: the recipe's ratios (5 critic updates, EMA 0.99, clip 10, betas (0, 0.999))
-# at learning rates that move a 2D MLP in hundreds rather than thousands of iterations.
-TOY_DEFAULTS = {"iters": 1000, "lr_gen": 3e-4, "lr_critic": 1e-3, "ema_start": 100, "ckpt_every": 100, "log_every": 5}
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2: no usage dump for a typo
-        self.exit(2, f"error: {message} (see --help)\n")
-
 
 SCALES = ("toy", "small", "full")
 
 
 def _scale_parser() -> argparse.ArgumentParser:
-    p = _Parser(add_help=False)
+    p = Parser(add_help=False)
     p.add_argument("--scale", choices=SCALES, default="toy")
     return p
 
 
 def build_parser(scale: str = "toy") -> argparse.ArgumentParser:
-    p = _Parser(
+    p = Parser(
         prog="python -m salt_ref.train",
         description=__doc__.split("\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -68,19 +61,21 @@ def build_parser(scale: str = "toy") -> argparse.ArgumentParser:
         default="exact",
         help="exact Gaussian-mixture flow, or an MLP fitted to it by flow matching",
     )
-    p.add_argument("--iters", type=int, default=TOY_DEFAULTS["iters"], help="generator iterations")
+    from toy.setup_2d import TOY_LOOP
+
+    p.add_argument("--iters", type=int, default=TOY_LOOP["iters"], help="generator iterations")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output directory (default runs/toy-<method>-<target>-s<seed>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--critic-ratio", type=int, default=5, help="critic updates per generator update")
-    p.add_argument("--lr-gen", type=float, default=TOY_DEFAULTS["lr_gen"])
-    p.add_argument("--lr-critic", type=float, default=TOY_DEFAULTS["lr_critic"])
-    p.add_argument("--sc-weight", type=float, default=0.2, help="lambda of the SC term (sc-dmd)")
+    p.add_argument("--lr-gen", type=float, default=TOY_LOOP["lr_gen"])
+    p.add_argument("--lr-critic", type=float, default=TOY_LOOP["lr_critic"])
+    p.add_argument("--sc-weight", type=float, default=PRESETS["toy"].sc_weight, help="lambda of the SC term (sc-dmd)")
     p.add_argument(
         "--sc-target",
         choices=["live", "ema"],
-        default="live",
+        default=PRESETS["toy"].sc_target,
         help="network giving v2 in the SC target: the live student or its EMA",
     )
     p.add_argument(
@@ -89,7 +84,7 @@ def build_parser(scale: str = "toy") -> argparse.ArgumentParser:
         default=1500,
         help="regression steps that fit the student/critic initialisation to the teacher",
     )
-    p.add_argument("--ckpt-every", type=int, default=TOY_DEFAULTS["ckpt_every"])
+    p.add_argument("--ckpt-every", type=int, default=TOY_LOOP["ckpt_every"])
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     return p
 
@@ -131,10 +126,9 @@ def _launch(out: Path, threads: int, call):
 def _run_toy(args: argparse.Namespace) -> int:
     import torch
 
-    from salt_ref.loop import LoopConfig
     from salt_ref.plots import plot_losses, scatter_panels
     from toy.gmm import make_target
-    from toy.setup_2d import Toy2DConfig, run
+    from toy.setup_2d import Toy2DConfig, run, toy_loop
 
     try:
         gmm = make_target(args.target)
@@ -143,20 +137,17 @@ def _run_toy(args: argparse.Namespace) -> int:
             target=args.target,
             teacher=args.teacher,
             batch=args.batch,
-            sc_weight=args.sc_weight,
-            sc_target=args.sc_target,
+            recipe=PRESETS["toy"].replace(sc_weight=args.sc_weight, sc_target=args.sc_target),
             seed=args.seed,
             pretrain_iters=args.pretrain_iters,
         )
-        loop_cfg = LoopConfig(
+        loop_cfg = toy_loop(
+            args.seed,
             iters=args.iters,
             critic_ratio=args.critic_ratio,
             lr_gen=args.lr_gen,
             lr_critic=args.lr_critic,
-            ema_start=TOY_DEFAULTS["ema_start"],
             ckpt_every=args.ckpt_every,
-            log_every=TOY_DEFAULTS["log_every"],
-            seed=args.seed,
         )
     except ValueError as e:
         return _fail(str(e))
@@ -195,10 +186,17 @@ def _run_toy(args: argparse.Namespace) -> int:
 SMALL_MEMORY_SHORTHANDS = {"window": "window:4", "sink": "sink:2+window:4"}
 
 
+def _small_memory(spec: str):
+    return memory_policy(SMALL_MEMORY_SHORTHANDS.get(spec, spec))
+
+
 def _small_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", choices=["self-forcing", "sc-dmd", "salt"], default="salt")
+    from salt_ref.video_task import VIDEO_METHODS
+
+    p.add_argument("--method", choices=list(VIDEO_METHODS), default="salt")
     p.add_argument(
         "--memory",
+        type=_small_memory,
         default="full",
         help="KV cache: full, window:N or sink:S+window:N (frames); window and sink alone mean "
         + " and ".join(SMALL_MEMORY_SHORTHANDS.values()),
@@ -210,7 +208,12 @@ def _small_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr-gen", type=float, default=1e-4)
     p.add_argument("--lr-critic", type=float, default=2e-4)
     p.add_argument("--critic-ratio", type=int, default=5)
-    p.add_argument("--align-start", type=int, default=0, help="iteration from which Salt's alignment is on")
+    p.add_argument(
+        "--align-start",
+        type=int,
+        default=PRESETS["small"].align_start,
+        help="generator iteration from which Salt's alignment is on",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output directory (default runs/small-<method>-<memory>-s<seed>)")
     p.add_argument("--cache", default="runs/cache", help="where the teacher and the student init are cached")
@@ -221,19 +224,16 @@ def _small_arguments(p: argparse.ArgumentParser) -> None:
 
 def _run_small(args: argparse.Namespace) -> int:
 
-    from salt_ref.kv_cache import MemoryPolicy
     from toy.setup_video import SmallVideoConfig, distill_loop, run
 
-    args.memory = SMALL_MEMORY_SHORTHANDS.get(args.memory, args.memory)
     try:
-        MemoryPolicy.parse(args.memory)
         cfg = SmallVideoConfig(
             method=args.method,
             memory=args.memory,
             rope=args.rope,
             teacher_iters=args.teacher_iters,
             ode_iters=args.ode_iters,
-            align_start=args.align_start,
+            recipe=PRESETS["small"].replace(align_start=args.align_start),
             seed=args.seed,
         )
         loop_cfg = distill_loop(
@@ -246,7 +246,8 @@ def _run_small(args: argparse.Namespace) -> int:
         )
     except ValueError as e:
         return _fail(str(e))
-    out = Path(args.out or f"runs/small-{args.method}-{args.memory.replace(':', '').replace('+', '_')}-s{args.seed}")
+    memory = str(args.memory).replace(":", "").replace("+", "_")
+    out = Path(args.out or f"runs/small-{args.method}-{memory}-s{args.seed}")
     t0 = time.perf_counter()
     code, final = _launch(
         out,
@@ -261,8 +262,11 @@ def _run_small(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    scale = _scale_parser().parse_known_args(argv)[0].scale
-    args = build_parser(scale).parse_args(argv)
+    try:  # a bad flag is one error: line and code 2, returned (not raised) so callers and tests see the code
+        scale = _scale_parser().parse_known_args(argv)[0].scale
+        args = build_parser(scale).parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
     if scale == "full":
         from salt_ref import full
 
@@ -271,8 +275,6 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"--iters must be >= 0, got {args.iters}")
     if scale == "small":
         return _run_small(args)
-    if args.iters < 0:
-        return _fail(f"--iters must be >= 0, got {args.iters}")
     if args.ckpt_every < 1:
         return _fail(f"--ckpt-every must be >= 1, got {args.ckpt_every}")
     return _run_toy(args)

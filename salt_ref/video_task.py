@@ -10,14 +10,15 @@ One class serves the toy video world (a ``tiny`` Wan) and Wan 1.3B/14B: the netw
     L_G  = L_DMD + lambda_SC L_SC [8-step draws] + w_align L_align [2-step draws exiting at 1, it >= start]
 
 ``self-forcing`` is the baseline (4-step list only, DMD only); ``sc-dmd`` mixes 8/4/2-step lists and adds the SC
-term; ``salt`` adds the cache-aware reference path and the teacher-feature alignment.
+term; ``salt`` adds the cache-aware reference path and the teacher-feature alignment. Every number above is the
+run's :class:`~salt_ref.recipe.Recipe` (``salt_ref.recipe.METHOD_TERMS`` switches the terms per method).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Protocol
 
@@ -25,9 +26,13 @@ import torch
 from torch import Tensor, nn
 
 from salt_ref.cache_condition import chunked_rollout
-from salt_ref.distill import AlignConfig, DMDObjective, StepLists, as_flow, default_rollout
+from salt_ref.distill import DMDObjective, as_flow, default_rollout
 from salt_ref.dmd import cfg as apply_cfg
+from salt_ref.kv_cache import MemoryPolicy
 from salt_ref.loop import Rng
+from salt_ref.models.causal_flow import WanCausalFlow
+from salt_ref.recipe import PRESETS, Recipe
+from salt_ref.schedule import sigma_to_t
 
 __all__ = ["VIDEO_METHODS", "VideoTaskConfig", "PromptSource", "EmbeddingPrompts", "VideoDistillTask"]
 
@@ -36,34 +41,34 @@ VIDEO_METHODS = ("self-forcing", "sc-dmd", "salt")
 
 @dataclass
 class VideoTaskConfig:
-    """The recipe (defaults: Salt on Wan 2.1 as released: 21 latent frames in chunks of 3, 480x832)."""
+    """What a video distillation run is (defaults: Salt on Wan 2.1 as released: 21 latent frames, 480x832).
+
+    ``recipe`` holds the method's settings (shift, step lists, CFG, SC and alignment terms); it is stored with the
+    terms of ``method`` switched on (:meth:`salt_ref.recipe.Recipe.for_method`). The chunk length is the causal
+    student's (``WanConfig.chunk_frames``), the memory policy a parsed :class:`~salt_ref.kv_cache.MemoryPolicy`.
+    """
 
     method: str = "salt"
     latent: tuple[int, int, int, int] = (16, 21, 60, 104)  # C, F, H, W
     causal: bool = True
-    chunk_frames: int = 3
-    memory: str = "full"
+    memory: MemoryPolicy = field(default_factory=MemoryPolicy)
     rope: str = "absolute"
-    cfg_scale: float = 3.0
-    shift: float = 5.0
-    sc_weight: float = 0.2
-    align_weight: float = 0.1
-    align_start: int = 1000
-    align_block: int = 20
-    align_margin: float = 0.1
-    context_sigma: float = 0.0
     batch: int = 1
+    recipe: Recipe = field(default_factory=lambda: PRESETS["wan"])
 
     def __post_init__(self) -> None:
         if self.method not in VIDEO_METHODS:
             raise ValueError(f"unknown video method {self.method!r}; choose one of {list(VIDEO_METHODS)}")
-        if self.method == "salt" and not self.causal:
+        if not isinstance(self.memory, MemoryPolicy):
+            raise TypeError(f"memory must be a MemoryPolicy (parse strings once, at the CLI), got {self.memory!r}")
+        self.recipe = self.recipe.for_method(self.method)
+        if self.recipe.align_on and not self.causal:
             raise ValueError("salt's cache-aware alignment needs a causal student (a KV cache); use sc-dmd")
         if len(self.latent) != 4 or min(self.latent) < 1:
             raise ValueError(f"latent must be (C, F, H, W) with positive sizes, got {self.latent}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "memory": str(self.memory)}
 
 
 class PromptSource(Protocol):
@@ -128,16 +133,13 @@ class VideoDistillTask:
             raise ValueError("cfg.causal is set but the student model is not causal (WanConfig(causal=True))")
         if teacher.config.causal or critic.config.causal:
             raise ValueError("teacher and critic must be bidirectional (they score whole clips)")
-        if cfg.method == "salt" and cfg.align_block >= teacher.config.num_layers:
-            raise ValueError(f"align_block {cfg.align_block} >= teacher's {teacher.config.num_layers} blocks")
+        r = cfg.recipe
+        if r.align_on and r.align_block >= teacher.config.num_layers:
+            raise ValueError(f"align_block {r.align_block} >= teacher's {teacher.config.num_layers} blocks")
         self.cfg, self.generator, self.critic, self.teacher = cfg, student, critic, teacher.requires_grad_(False)
         self.prompts, self.device, self.autocast = prompts, torch.device(device), autocast
         if make_ema is not None:
             self.make_ema = make_ema
-        if cfg.method == "self-forcing":
-            self.step_lists = StepLists(steps=(4,), probs=(1.0,), shift=cfg.shift)
-        else:
-            self.step_lists = StepLists(shift=cfg.shift)
 
     def _amp(self):
         if self.autocast is None:
@@ -146,45 +148,31 @@ class VideoDistillTask:
 
     def objective(self, rng: Rng) -> DMDObjective:
         """The DMD objective for one prompt batch drawn from ``rng.local``."""
-        cfg = self.cfg
+        cfg, r = self.cfg, self.cfg.recipe
         ctx, neg = self.prompts.sample(cfg.batch, rng.local)
         c, f, h, w = cfg.latent
         if cfg.causal:
-            rollout_fn = partial(
-                chunked_rollout,
-                self.generator,
-                context=ctx,
-                chunk_frames=cfg.chunk_frames,
-                policy=cfg.memory,
-                rope=cfg.rope,
-                context_sigma=cfg.context_sigma,
-            )
+            flow = WanCausalFlow(self.generator, ctx, policy=cfg.memory, rope=cfg.rope)
+            rollout_fn = partial(chunked_rollout, flow, context_sigma=r.context_sigma)
         else:
             rollout_fn = default_rollout(as_flow(self.generator, context=ctx))
 
         def real_flow(x: Tensor, sigma: Tensor) -> Tensor:
-            v = self.teacher(torch.cat([x, x]), torch.cat([sigma, sigma]) * 1000.0, torch.cat([ctx, neg]))
+            v = self.teacher(torch.cat([x, x]), sigma_to_t(torch.cat([sigma, sigma])), torch.cat([ctx, neg]))
             v_cond, v_neg = v.chunk(2)
-            return apply_cfg(v_cond, v_neg, cfg.cfg_scale)
+            return apply_cfg(v_cond, v_neg, r.cfg_scale)
 
         def features(x: Tensor, sigma: Tensor) -> Tensor:
-            return self.teacher(x, sigma * 1000.0, ctx, features=(cfg.align_block,), features_only=True)[
-                cfg.align_block
-            ]
+            block = r.align_block
+            return self.teacher(x, sigma_to_t(sigma), ctx, features=(block,), features_only=True)[block]
 
-        align = None
-        if cfg.method == "salt":
-            align = AlignConfig(weight=cfg.align_weight, start=cfg.align_start, margin=cfg.align_margin)
         return DMDObjective(
+            recipe=r,
             rollout_fn=rollout_fn,
             noise_fn=lambda g: torch.randn(cfg.batch, c, f, h, w, generator=g).to(self.device),
             real_flow=real_flow,
             fake_flow=as_flow(self.critic, context=ctx),
-            step_lists=self.step_lists,
-            shift=cfg.shift,
-            sc_weight=cfg.sc_weight if cfg.method != "self-forcing" else 0.0,
-            align=align,
-            feature_fn=features if align is not None else None,
+            feature_fn=features if r.align_on else None,
             frames=f,
         )
 

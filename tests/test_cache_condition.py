@@ -7,8 +7,16 @@ import torch
 
 from salt_ref.cache_condition import chunked_rollout, reference_exit_index
 from salt_ref.feature_align import alignment_loss, token_relation_loss
+from salt_ref.generate import generate, generate_without_cache
+from salt_ref.kv_cache import MemoryPolicy
+from salt_ref.models.causal_flow import WanCausalFlow
 from salt_ref.models.wan import WanConfig, WanModel
+from salt_ref.recipe import PRESETS
 from salt_ref.schedule import denoising_sigmas
+from salt_ref.updates import rollout
+
+WAN = PRESETS["wan"]
+FULL = MemoryPolicy()
 
 
 @pytest.fixture(scope="module")
@@ -18,15 +26,17 @@ def model():
     return WanModel(WanConfig.preset("tiny", causal=True, num_layers=2, chunk_frames=2)).double()
 
 
-def _inputs(seed: int = 1):
+def _inputs(model, seed: int = 1):
+    """Noise ``[2, 3, 6, 8, 8]`` and the model's causal flow on a random context (full memory)."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(2, 3, 6, 8, 8, generator=g).double(), torch.randn(2, 8, 32, generator=g).double()
+    noise, ctx = torch.randn(2, 3, 6, 8, 8, generator=g).double(), torch.randn(2, 8, 32, generator=g).double()
+    return noise, WanCausalFlow(model, ctx, policy=FULL)
 
 
 def test_reference_path_on_the_same_grid_reproduces_the_student(model):
-    noise, ctx = _inputs()
+    noise, flow = _inputs(model)
     sigmas = denoising_sigmas(2, 5.0).double()
-    ro = chunked_rollout(model, noise, sigmas, ctx, chunk_frames=2, exit_index=1, mode="ddim", reference_sigmas=sigmas)
+    ro = chunked_rollout(flow, noise, sigmas, exit_index=1, mode="ddim", reference_sigmas=sigmas)
     # same chunk noise, same steps, its own cache written by identical outputs: identical results
     torch.testing.assert_close(ro.x0_ref, ro.x0.detach(), rtol=0, atol=1e-10)
     assert ro.x0.requires_grad and not ro.x0_ref.requires_grad
@@ -34,10 +44,10 @@ def test_reference_path_on_the_same_grid_reproduces_the_student(model):
 
 
 def test_reference_path_on_the_finer_grid_differs_and_stops_at_the_exit_level(model):
-    noise, ctx = _inputs()
+    noise, flow = _inputs(model)
     coarse, fine = denoising_sigmas(2, 5.0).double(), denoising_sigmas(4, 5.0).double()
     assert reference_exit_index(fine, float(coarse[1])) == 2  # 1 -> .9375 -> .8333: 3 evaluations
-    ro = chunked_rollout(model, noise, coarse, ctx, chunk_frames=2, exit_index=1, mode="ddim", reference_sigmas=fine)
+    ro = chunked_rollout(flow, noise, coarse, exit_index=1, mode="ddim", reference_sigmas=fine)
     assert ro.x0_ref.shape == ro.x0.shape
     assert (ro.x0_ref - ro.x0.detach()).abs().max() > 1e-4
     with pytest.raises(ValueError, match="not on the reference grid"):
@@ -45,8 +55,8 @@ def test_reference_path_on_the_finer_grid_differs_and_stops_at_the_exit_level(mo
 
 
 def test_only_exit_steps_carry_gradient_and_cache_is_detached(model):
-    noise, ctx = _inputs()
-    ro = chunked_rollout(model, noise, denoising_sigmas(4, 5.0).double(), ctx, chunk_frames=2, exit_index=2)
+    noise, flow = _inputs(model)
+    ro = chunked_rollout(flow, noise, denoising_sigmas(4, 5.0).double(), exit_index=2)
     assert ro.x0.requires_grad and ro.v_exit.requires_grad
     assert all(not s.requires_grad for s in ro.states)
     ro.x0.pow(2).mean().backward()  # a detached cache: no in-place error across chunks
@@ -54,16 +64,14 @@ def test_only_exit_steps_carry_gradient_and_cache_is_detached(model):
 
 
 def test_on_exit_runs_per_chunk_with_that_chunks_cache(model):
-    noise, ctx = _inputs()
+    noise, flow = _inputs(model)
     seen = []
 
     def on_exit(flow, x, sigma, v):
         seen.append(x.shape[2])
         return flow(x, sigma)  # evaluated through the chunk's cache: equals v at the exit state
 
-    ro = chunked_rollout(
-        model, noise, denoising_sigmas(2, 5.0).double(), ctx, chunk_frames=2, exit_index=1, on_exit=on_exit
-    )
+    ro = chunked_rollout(flow, noise, denoising_sigmas(2, 5.0).double(), exit_index=1, on_exit=on_exit)
     assert seen == [2, 2, 2]
     torch.testing.assert_close(ro.exit_extra, ro.v_exit.detach(), rtol=0, atol=1e-10)
 
@@ -90,14 +98,12 @@ def test_alignment_gradient_reaches_only_the_student_output():
 
     x0 = torch.randn(2, 3, 2, 2, 2, generator=g, dtype=torch.float64, requires_grad=True)
     x0_ref = torch.randn(2, 3, 2, 2, 2, generator=g, dtype=torch.float64, requires_grad=True)
-    loss = alignment_loss(feature_fn, x0, x0_ref, frames=2, generator=g)
+    loss = alignment_loss(feature_fn, x0, x0_ref, frames=2, shift=5.0, generator=g)
     loss.backward()
     assert loss > 0 and x0.grad.abs().sum() > 0 and x0_ref.grad is None
 
 
 def test_generate_runs_past_the_trained_length_with_flat_memory():
-    from salt_ref.sample import generate
-
     torch.manual_seed(0)
     model = WanModel(WanConfig.preset("tiny", causal=True, num_layers=2, chunk_frames=2, rope_max_len=8))
     ctx = torch.randn(1, 8, 32)
@@ -106,22 +112,43 @@ def test_generate_runs_past_the_trained_length_with_flat_memory():
         ctx,
         frames=16,
         size=(8, 8),
-        memory="window:4",
+        recipe=WAN,
+        memory=MemoryPolicy.parse("window:4"),
         rope="relative",
         generator=torch.Generator().manual_seed(0),
         return_times=True,
     )
     assert video.shape == (1, 3, 16, 8, 8) and torch.isfinite(video).all() and len(seconds) == 8
     with pytest.raises(ValueError, match="RoPE table"):
-        generate(model, ctx, frames=16, size=(8, 8), memory="window:4", rope="absolute")
+        generate(model, ctx, frames=16, size=(8, 8), recipe=WAN, memory=MemoryPolicy.parse("window:4"))
 
 
 def test_generation_without_cache_equals_generation_through_the_cache():
-    from salt_ref.sample import generate, generate_without_cache
-
     torch.manual_seed(0)
     model = WanModel(WanConfig.preset("tiny", causal=True, num_layers=2, chunk_frames=2)).double()
     ctx = torch.randn(1, 8, 32).double()
-    cached = generate(model, ctx, frames=6, size=(8, 8), generator=torch.Generator().manual_seed(3))
-    recomputed = generate_without_cache(model, ctx, frames=6, size=(8, 8), generator=torch.Generator().manual_seed(3))
+    kw = dict(frames=6, size=(8, 8), recipe=WAN)
+    cached = generate(model, ctx, generator=torch.Generator().manual_seed(3), **kw)
+    recomputed = generate_without_cache(model, ctx, generator=torch.Generator().manual_seed(3), **kw)
     torch.testing.assert_close(cached, recomputed, rtol=1e-6, atol=1e-6)
+    # the recipe decides the schedule: another shift is another video
+    other = generate(model, ctx, generator=torch.Generator().manual_seed(3), **{**kw, "recipe": WAN.replace(shift=3.0)})
+    assert (other - cached).abs().max() > 1e-3
+
+
+def test_writer_chooses_what_a_chunk_leaves_in_the_cache(model):
+    noise, flow = _inputs(model)
+    two, four = denoising_sigmas(2, 5.0).double(), denoising_sigmas(4, 5.0).double()
+
+    def rerun(grid):  # write the chunk rolled out again on ``grid``, replaying its draws
+        return lambda flow_c, x0, noise_c, replay: rollout(flow_c, noise_c, grid, generator=replay, grad_exit=False).x0
+
+    def run(writer):
+        return chunked_rollout(flow, noise, two, generator=torch.Generator().manual_seed(0), writer=writer).x0
+
+    own = run(None)
+    # replaying the chunk's draws on the same grid writes exactly the chunk's output: the default
+    torch.testing.assert_close(run(rerun(two)), own, rtol=0, atol=0)
+    hq = run(rerun(four))
+    torch.testing.assert_close(hq[:, :, :2], own[:, :, :2], rtol=0, atol=0)  # the first chunk sees an empty cache
+    assert (hq[:, :, 2:] - own[:, :, 2:]).abs().max() > 1e-4

@@ -524,3 +524,58 @@ def test_wan_input_validation_names_expected_shapes():
         bidirectional(x, t, ctx, kv_cache=model.new_cache("full", batch=2, frames_hw=HW, max_frames=2))
     with pytest.raises(ValueError, match="kv_cache has 1 layers, the model 2"):
         model(x, t, ctx, kv_cache=model.new_cache("full", batch=2, frames_hw=HW, max_frames=2)[:1])
+
+
+# Literal masks for three 2-frame chunks (query frame rows, key frame columns): written out by hand from the
+# policy definitions, so a policy that keeps one frame too many or too few fails here even though every other
+# test compares the cache with the same kept_frames rule.
+_BOUNDS = [(0, 2), (2, 4), (4, 6)]
+_LITERAL = {
+    "full": ["110000", "110000", "111100", "111100", "111111", "111111"],
+    "window:3": ["110000", "110000", "011100", "011100", "000111", "000111"],
+    "window:2": ["110000", "110000", "001100", "001100", "000011", "000011"],
+    "sink:1+window:3": ["110000", "110000", "111100", "111100", "100111", "100111"],
+    "sink:2+window:2": ["110000", "110000", "111100", "111100", "110011", "110011"],
+}
+
+
+@pytest.mark.parametrize("spec", sorted(_LITERAL))
+def test_each_policy_keeps_exactly_the_literal_frames(spec):
+    want = torch.tensor([[c == "1" for c in row] for row in _LITERAL[spec]])
+    assert torch.equal(frame_mask(_BOUNDS, MemoryPolicy.parse(spec)), want)
+
+
+@pytest.mark.parametrize("spec", sorted(_LITERAL))
+def test_the_cache_reads_exactly_the_literal_frames(spec):
+    policy = MemoryPolicy.parse(spec)
+    cache = KVCache(policy, batch=1, heads=1, head_dim=2, tokens_per_frame=1, max_frames=6)
+    for s, e in _BOUNDS:
+        k = torch.zeros(1, e - s, 1, 2)
+        _, _, frames = cache.view(k, k, s)
+        want = [g for g, c in enumerate(_LITERAL[spec][s]) if c == "1"]
+        assert frames.tolist() == want, (spec, s)
+        cache.commit(k, k, s)
+
+
+@pytest.mark.parametrize(
+    "kw, name",
+    [
+        ({"tokens_per_frame": 0}, "tokens_per_frame"),
+        ({"tokens_per_frame": -3}, "tokens_per_frame"),
+        ({"batch": -1}, "batch"),
+        ({"heads": 0}, "heads"),
+        ({"max_frames": 0}, "max_frames"),
+    ],
+)
+def test_cache_arguments_are_checked_by_name(kw, name):
+    args = dict(batch=1, heads=1, head_dim=2, tokens_per_frame=1, max_frames=4) | kw
+    with pytest.raises(ValueError, match=name):
+        KVCache(MemoryPolicy(), **args)
+
+
+def test_a_view_that_could_never_be_committed_raises_like_commit():
+    cache = KVCache(MemoryPolicy(), batch=1, heads=1, head_dim=2, tokens_per_frame=1, max_frames=3)
+    k = torch.zeros(1, 2, 1, 2)
+    cache.commit(k, k, 0)
+    with pytest.raises(ValueError, match="full cache overflow"):
+        cache.view(k, k, 2)  # frames 2, 3 exceed max_frames=3: its commit would fail too

@@ -1,4 +1,5 @@
-"""The training loop: bitwise resume, NaN stop with the last good checkpoint kept, config checks."""
+"""The training loop: bitwise resume, the EMA rule, NaN stop with the last good checkpoint kept, the resume
+fingerprint (one rule at every scale, refusals that name the fields), config checks."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from salt_ref import checkpoint as ckpt
-from salt_ref.loop import CHECKPOINT_NAME, LoopConfig, NonFiniteLossError, train
+from salt_ref.loop import CHECKPOINT_NAME, LoopConfig, NonFiniteLossError, loop_fingerprint, train
 from toy.setup_2d import Toy2DConfig, build_task
 
 TINY = dict(batch=32, hidden=16, depth=2, pretrain_iters=20)
@@ -111,3 +112,92 @@ def test_mlp_teacher_option_trains_through_the_loop(tmp_path):
     cfg = Toy2DConfig(method="dmd", teacher="mlp", teacher_iters=5, **TINY)
     result = train(build_task(cfg), _loop(2), tmp_path, progress=False)
     assert result.iterations == 2 and torch.isfinite(torch.tensor(result.last_logs["loss_dmd"]))
+
+
+class _OneParam:
+    """A generator with one scalar weight pulled towards noisy targets, so that it moves every iteration."""
+
+    def __init__(self):
+        self.generator = nn.Module()
+        self.generator.w = nn.Parameter(torch.tensor(0.0))
+        self.critic = None
+
+    def generator_loss(self, it: int, rng, ema: nn.Module):
+        target = 1.0 + torch.randn((), generator=rng.local)
+        return (self.generator.w - target).pow(2), {"loss_gen": 0.0}
+
+    def critic_loss(self, it, rng):  # pragma: no cover - no critic
+        raise AssertionError
+
+
+def test_ema_copies_before_ema_start_then_blends_with_one_minus_decay(tmp_path):
+    cfg = LoopConfig(iters=8, lr_gen=0.2, betas=(0.9, 0.999), weight_decay=0.0, ema_decay=0.7, ema_start=3)
+    task = _OneParam()
+    after: list[float] = []
+    result = train(task, cfg, tmp_path, progress=False, callback=lambda i, _: after.append(task.generator.w.item()))
+    assert len(set(after)) == len(after) == 8  # the weight moves, so the two rules would disagree
+    ema = 0.0
+    for it, p in enumerate(after):
+        ema = p if it < cfg.ema_start else cfg.ema_decay * ema + (1 - cfg.ema_decay) * p
+    assert result.ema.w.item() == pytest.approx(ema, abs=1e-6)
+
+
+def _tiny_loop(**kw) -> LoopConfig:
+    return LoopConfig(**{"iters": 4, "lr_gen": 1e-3, "ema_start": 0, "ckpt_every": 2, "log_every": 1, **kw})
+
+
+def test_resume_may_change_bookkeeping(tmp_path):
+    train(_OneParam(), _tiny_loop(), tmp_path, fingerprint={"setup": {"n": 1}}, progress=False)
+    result = train(
+        _OneParam(),
+        _tiny_loop(iters=6, ckpt_every=3, log_every=2),
+        tmp_path,
+        fingerprint={"setup": {"n": 1}},
+        progress=False,
+        resume=True,
+    )
+    assert result.iterations == 6
+    header = ckpt.read_header(tmp_path / CHECKPOINT_NAME)
+    assert header["config"] == {
+        "setup": {"n": 1},
+        "loop": json.loads(json.dumps(loop_fingerprint(_tiny_loop()))),
+        "world_x_accum": 1,
+    }
+
+
+def test_refused_resume_names_each_differing_field_with_both_values(tmp_path):
+    train(_OneParam(), _tiny_loop(), tmp_path, fingerprint={"toy": {"method": "sc-dmd"}}, progress=False)
+    with pytest.raises(ckpt.CheckpointMismatchError) as err:
+        train(
+            _OneParam(),
+            _tiny_loop(lr_gen=5e-4),
+            tmp_path,
+            fingerprint={"toy": {"method": "dmd"}},
+            progress=False,
+            resume=True,
+        )
+    assert str(err.value) == (
+        f"{tmp_path / CHECKPOINT_NAME} was written by another config: toy.method: checkpoint 'sc-dmd', now 'dmd'; "
+        "loop.lr_gen: checkpoint 0.001, now 0.0005; use a new --out or the same settings"
+    )
+
+
+def test_refusal_lists_eight_fields_then_counts_the_rest(tmp_path):
+    theirs = {"a": {f"f{i}": i for i in range(11)}, "gone": 1}
+    ours = {"a": {f"f{i}": -i - 1 for i in range(11)}, "new": [1, 2]}
+    with pytest.raises(ckpt.CheckpointMismatchError) as err:
+        ckpt._check_fingerprint(tmp_path / "c", theirs, ours)
+    msg = str(err.value)
+    assert "a.f0: checkpoint 0, now -1; " in msg and "a.f7: checkpoint 7, now -8; and 5 more; use a new" in msg
+    assert "a.f8" not in msg
+    with pytest.raises(
+        ckpt.CheckpointMismatchError, match=r"new: checkpoint absent, now \[1, 2\]; gone: checkpoint 1, now absent;"
+    ):
+        ckpt._check_fingerprint(tmp_path / "c", {"gone": 1}, {"new": [1, 2]})
+
+
+@pytest.mark.parametrize("key", ["loop", "world_x_accum"])
+def test_fingerprint_must_not_bring_its_own_loop_rule(tmp_path, key):
+    with pytest.raises(ValueError, match=f"must not contain \\['{key}'\\]"):
+        train(_OneParam(), _tiny_loop(), tmp_path / "out", fingerprint={"setup": {}, key: {}}, progress=False)
+    assert not (tmp_path / "out").exists()  # refused before anything is written

@@ -38,7 +38,7 @@ def test_teacher_trajectories_record_the_grid_levels():
     ctx, null = torch.randn(2, 8, 32, generator=g), torch.zeros(2, 8, 32)
     grid = denoising_sigmas(16, 5.0)
     record = denoising_sigmas(8, 5.0)
-    pairs = teacher_trajectories(teacher, noise, ctx, null, grid, record)
+    pairs = teacher_trajectories(teacher, noise, ctx, null, grid, record, cfg_scale=3.0)
     assert pairs.states.shape == (2, 9, 3, 4, 8, 8)
     torch.testing.assert_close(pairs.states[:, 0], noise)  # level 1.0 is the starting noise
     assert not torch.allclose(pairs.endpoint, noise)
@@ -55,6 +55,7 @@ def test_ode_regression_runs_and_needs_a_causal_student(tmp_path):
         torch.zeros(3, 8, 32),
         denoising_sigmas(8, 5.0),
         denoising_sigmas(4, 5.0),
+        cfg_scale=3.0,
     )
     task = ODERegressionTask(_tiny(causal=True), pairs, batch=2, chunk_frames=2)
     result = train(task, LoopConfig(iters=2, lr_gen=1e-3, ckpt_every=2), tmp_path, progress=False)

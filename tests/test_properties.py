@@ -577,3 +577,24 @@ def test_full_rollout_ends_with_the_last_update(seed, n_steps, shift, mode, batc
                 )
         sampled = sample(flow_fn, x, sigmas, mode=mode, generator=_gen(seed + 1))
         assert_close(sampled, out.x0, rtol=0.0, atol=0.0)
+
+
+# The 8-step list of the released recipe (shift 5) and, per exit step, the endpoint candidates written out:
+# the two highest 4-step boundaries [1, .9375, .8333, .625, 0] strictly below the next fine level.
+_FINE8 = [1.0, 0.9722, 0.9375, 0.8929, 0.8333, 0.75, 0.625, 0.4167, 0.0]
+_ENDPOINTS = {0: {0.9375, 0.8333}, 1: {0.8333, 0.625}, 2: {0.8333, 0.625}, 3: {0.625, 0.0}, 4: {0.625, 0.0},
+              5: {0.0}, 6: {0.0}}  # fmt: skip
+
+
+@pytest.mark.parametrize("exit_index", sorted(_ENDPOINTS))
+def test_sc_points_draw_every_candidate_endpoint_and_midpoint(exit_index):
+    fine = denoising_sigmas(8, 5.0)
+    assert [round(v, 4) for v in fine.tolist()] == _FINE8
+    g = torch.Generator().manual_seed(exit_index)
+    draws = [sc_points(fine, exit_index, generator=g) for _ in range(400)]
+    ends = [round(e, 4) for e, _ in draws]
+    assert set(ends) == _ENDPOINTS[exit_index]
+    for e in _ENDPOINTS[exit_index]:  # each candidate about equally often, not always the first
+        assert ends.count(e) > 400 / len(_ENDPOINTS[exit_index]) * 0.7
+        mids = {round(m, 4) for (e2, m) in draws if round(e2, 4) == e}
+        assert mids == {p for p in _FINE8[1:] if e < p < _FINE8[exit_index]}

@@ -5,24 +5,27 @@ from __future__ import annotations
 import pytest
 import torch
 
-from salt_ref.distill import StepLists
+from salt_ref.kv_cache import MemoryPolicy
 from salt_ref.loop import LoopConfig, train
 from salt_ref.models.wan import WanModel
+from salt_ref.recipe import PRESETS
 from salt_ref.train import main
 from toy.setup_video import SmallVideoConfig, build_task, evaluate_student, model_config
 
-TINY = dict(frames=4, size=8, dim=32, layers=2, heads=2, align_start=0, align_block=1)
+RECIPE = PRESETS["small"].replace(align_start=0, align_block=1)
+TINY = dict(frames=4, size=8, dim=32, layers=2, heads=2, recipe=RECIPE)
 
 
 @pytest.mark.parametrize("method", ["self-forcing", "sc-dmd", "salt"])
 def test_one_iteration_of_each_method(method, tmp_path):
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    cfg = SmallVideoConfig(method=method, **TINY)
+    tiny = TINY
+    if method == "salt":  # force 2-step draws so the reference path and the alignment run
+        tiny = {**TINY, "recipe": RECIPE.replace(steps=(2,), step_probs=(1.0,))}
+    cfg = SmallVideoConfig(method=method, **tiny)
     task = build_task(cfg, WanModel(model_config(cfg, causal=False)), WanModel(model_config(cfg, causal=True)))
     seen: list[dict] = []
-    if method == "salt":  # force 2-step draws so the reference path and the alignment run
-        task.step_lists = StepLists(steps=(2,), probs=(1.0,))
     loop = LoopConfig(
         iters=3 if method == "salt" else 1, critic_ratio=1, lr_gen=1e-4, lr_critic=1e-4, ckpt_every=5, seed=0
     )
@@ -40,7 +43,11 @@ def test_evaluation_reports_every_horizon():
     torch.manual_seed(0)
     cfg = SmallVideoConfig(**TINY)
     metrics, videos, drift = evaluate_student(
-        WanModel(model_config(cfg, causal=True)), cfg, n_per_class=1, memory="window:2", rope="relative"
+        WanModel(model_config(cfg, causal=True)),
+        cfg,
+        n_per_class=1,
+        memory=MemoryPolicy.parse("window:2"),
+        rope="relative",
     )
     assert set(metrics) == {"1x", "2x", "4x"} and videos[4].shape[2] == 16 and drift.shape == (16,)
     assert {"fidelity", "motion", "class_acc", "diversity", "frechet"} <= set(metrics["1x"])
@@ -60,7 +67,8 @@ def test_cache_quality_gap_vanishes_when_both_caches_are_written_alike():
     student = WanModel(model_config(cfg, causal=True))
     res = cache_quality_gap(student, cfg, n_per_class=1)
     assert {"lq_fidelity", "hq_fidelity", "gap_fidelity"} <= set(res)
-    same = cache_quality_gap(student, cfg, n_per_class=1, hq_steps=2)  # the "HQ" cache is written by 2 steps too
+    alike = SmallVideoConfig(**{**TINY, "recipe": RECIPE.replace(align_reference_steps=2)})
+    same = cache_quality_gap(student, alike, n_per_class=1)  # the "HQ" cache is written by 2 steps too
     assert abs(same["gap_fidelity"]) < 1e-6 and abs(same["lq_motion"] - same["hq_motion"]) < 1e-6
     assert abs(res["gap_fidelity"]) > 1e-6  # 4-step writers make a different cache
 

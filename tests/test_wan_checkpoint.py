@@ -1,12 +1,15 @@
 """Checkpoint loading for :class:`salt_ref.models.wan.WanModel` at a tiny config (CPU, fp32, fixed seeds).
 
 Official layout (single file, shards + index, folder, ComfyUI prefix), strict-mode errors, meta-device models,
-and, when ``diffusers`` is installed, numerical equivalence with ``WanTransformer3DModel`` in both key directions.
+the checkpoints refused with a one-line error (a parameter stored twice, a bad index, a pickle file, a file that is
+not safetensors) and, when ``diffusers`` is installed, numerical equivalence with ``WanTransformer3DModel`` in both
+key directions.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import pytest
@@ -301,3 +304,148 @@ def test_to_diffusers_keys_loads_strictly_into_diffusers():
     assert not result.missing_keys and not result.unexpected_keys
     x, t, context = _inputs(seed=5)
     _assert_close(_forward(ref, (x, t, context)), _diffusers_forward(theirs, x, t, context))
+
+
+# ------------------------------------------------------------------------------- refused checkpoints
+
+
+def _save_two_shards(tmp_path, first: dict, second: dict) -> Path:
+    """Two shards + index; the index maps each key to the first shard holding it (as a hand-edited index might)."""
+    names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    weight_map: dict[str, str] = {}
+    for name, sd in zip(names, (first, second), strict=True):
+        save_file(sd, str(tmp_path / name))
+        for k in sd:
+            weight_map.setdefault(k, name)
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": weight_map}))
+    return index
+
+
+@pytest.mark.parametrize("case", ["diffusers_twin", "comfyui_prefix", "two_shards"])
+def test_parameter_stored_twice_is_refused(tmp_path, case):
+    sd = _contiguous(_model(0).state_dict())
+    if case == "diffusers_twin":
+        # the rest of the checkpoint is official: the twin is mapped by itself, not by a whole-file layout guess
+        sd["blocks.0.attn1.to_q.weight"] = sd["blocks.0.self_attn.q.weight"].clone()
+        path, keys = tmp_path / "mixed.safetensors", ["'blocks.0.self_attn.q.weight'", "'blocks.0.attn1.to_q.weight'"]
+        save_file(sd, str(path))
+    elif case == "comfyui_prefix":
+        sd["model.diffusion_model.head.head.weight"] = sd["head.head.weight"].clone()
+        path, keys = tmp_path / "comfy.safetensors", ["'head.head.weight'", "'model.diffusion_model.head.head.weight'"]
+        save_file(sd, str(path))
+    else:
+        first = {k: v for k, v in sd.items() if not k.startswith("blocks.1.")}
+        second = {k: v for k, v in sd.items() if k.startswith("blocks.1.")}
+        second["blocks.0.ffn.2.bias"] = sd["blocks.0.ffn.2.bias"].clone()
+        path = _save_two_shards(tmp_path, first, second)
+        keys = [
+            "'blocks.0.ffn.2.bias' in model-00001-of-00002.safetensors",
+            "'blocks.0.ffn.2.bias' in model-00002-of-00002.safetensors",
+        ]
+    for strict in (True, False):  # which copy would load is ambiguous, so not even a lenient load goes ahead
+        with pytest.raises(CheckpointKeyError) as info:
+            load_checkpoint(_model(1), path, strict=strict)
+        msg = str(info.value)
+        assert "\n" not in msg and str(path) in msg and "stores 1 parameter under more than one key" in msg, msg
+        assert all(k in msg for k in keys), msg
+
+
+def test_mixed_layouts_without_twins_load(tmp_path):
+    ref = _model(0)
+    sd = {
+        (to_diffusers_keys(k) if k.startswith("blocks.1.") else k): v for k, v in _contiguous(ref.state_dict()).items()
+    }
+    path = tmp_path / "mixed.safetensors"
+    save_file(sd, str(path))
+    fresh = _model(1)
+    assert load_checkpoint(fresh, path) == {"missing": [], "unexpected": [], "shape_mismatch": []}
+    inputs = _inputs()
+    assert torch.equal(_forward(fresh, inputs), _forward(ref, inputs))
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [('{"metadata": {"total_size": 0}}', "has no 'weight_map'"), ('{"weight_map": {', "not valid JSON")],
+)
+def test_bad_index_named(tmp_path, text, reason):
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(text)
+    for path in (index, tmp_path):  # the index itself, or the folder holding it
+        with pytest.raises(ValueError) as info:
+            load_checkpoint(_model(1), path)
+        msg = str(info.value)
+        assert msg.startswith(f"checkpoint index {index} ") and reason in msg and "\n" not in msg, msg
+
+
+@pytest.mark.parametrize(
+    "case", ["pt_suffix", "protocol0_ckpt_suffix", "zip_other_name", "legacy_other_name", "folder", "index_shard"]
+)
+def test_pickle_checkpoint_refused(tmp_path, case):
+    sd = _contiguous(_model(0).state_dict())
+    if case == "pt_suffix":
+        path = named = tmp_path / "wan.pt"
+        torch.save(sd, path)
+    elif case in ("zip_other_name", "legacy_other_name"):  # told by the first bytes: zip archive or pickle PROTO
+        path = named = tmp_path / "wan.safetensors"
+        torch.save(sd, path, _use_new_zipfile_serialization=case == "zip_other_name")
+    elif case == "protocol0_ckpt_suffix":  # a pickle without the PROTO byte: told by its suffix alone
+        path = named = tmp_path / "wan.ckpt"
+        named.write_bytes(pickle.dumps({"blocks.0.modulation": [0.0]}, protocol=0))
+    elif case == "folder":
+        path = tmp_path
+        torch.save(sd, tmp_path / "pytorch_model-00001.bin")
+        torch.save({}, tmp_path / "pytorch_model-00002.bin")
+        (tmp_path / "config.json").write_text("{}")
+    else:
+        save_file(sd, str(tmp_path / "a.safetensors"))
+        named = tmp_path / "b.ckpt"
+        torch.save({}, named)
+        path = tmp_path / "model.safetensors.index.json"
+        path.write_text(json.dumps({"weight_map": {"x": "a.safetensors", "y": "b.ckpt"}}))
+    with pytest.raises(ValueError) as info:
+        load_checkpoint(_model(1), path)
+    msg = str(info.value)
+    if case == "folder":
+        assert msg.startswith(
+            f"{tmp_path} holds only pickle checkpoints (pytorch_model-00001.bin, pytorch_model-00002.bin)"
+        )
+    else:
+        assert msg.startswith(
+            f"{named} is a pickle checkpoint: pickle checkpoints are not loaded (loading one can run code)"
+        )
+    assert "safetensors.torch.save_file of torch.load(path, weights_only=True)" in msg and "\n" not in msg, msg
+
+
+def test_safetensors_named_like_a_pickle_still_loads(tmp_path):
+    ref = _model(0)
+    path = tmp_path / "diffusion_pytorch_model.bin"  # the contents decide, as before; only pickles are refused
+    save_file(_contiguous(ref.state_dict()), str(path))
+    fresh = _model(1)
+    load_checkpoint(fresh, path)
+    inputs = _inputs()
+    assert torch.equal(_forward(fresh, inputs), _forward(ref, inputs))
+
+
+@pytest.mark.parametrize("case", ["random_bytes", "truncated", "truncated_shard"])
+def test_unreadable_safetensors_named(tmp_path, case):
+    sd = _contiguous(_model(0).state_dict())
+    if case == "random_bytes":
+        bad = path = tmp_path / "wan.safetensors"
+        g = torch.Generator().manual_seed(0)
+        noise = torch.randint(0, 256, (4096,), generator=g, dtype=torch.uint8)
+        noise[0] = 0x11  # not the zip / pickle magic: this file must reach safetensors
+        bad.write_bytes(bytes(noise.tolist()))
+    elif case == "truncated":
+        bad = path = tmp_path / "wan.safetensors"
+        save_file(sd, str(bad))
+        bad.write_bytes(bad.read_bytes()[:-100])
+    else:
+        path = _save_shards(sd, tmp_path, _official_shard)
+        bad = tmp_path / "diffusion_pytorch_model-00003-of-00003.safetensors"
+        bad.write_bytes(bad.read_bytes()[:-100])
+    with pytest.raises(ValueError) as info:
+        load_checkpoint(_model(1), path)
+    msg = str(info.value)
+    assert msg.startswith(f"checkpoint {bad} is not a readable safetensors file (") and msg.endswith(")"), msg
+    assert "\n" not in msg

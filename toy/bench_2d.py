@@ -37,29 +37,21 @@ def _one_seed(args: tuple[str, int, int, str, dict[str, Any], tuple[str, ...]]) 
     """Train every student method for one seed; returns ``{method: metrics}`` (run in a worker process)."""
     import torch
 
-    from salt_ref.loop import LoopConfig
-    from salt_ref.train import TOY_DEFAULTS
+    from salt_ref.recipe import PRESETS
     from toy.gmm import make_target
-    from toy.setup_2d import Toy2DConfig, build_init, evaluate, run
+    from toy.setup_2d import Toy2DConfig, build_init, evaluate, run, toy_loop
 
-    target, seed, iters, out, overrides, methods = args
+    target, seed, iters, out, changes, methods = args
     torch.set_num_threads(1)
     gmm = make_target(target)
-    base = Toy2DConfig(method="dmd", target=target, seed=seed, **overrides)
-    res: dict[str, Any] = {"teacher": evaluate(gmm.flow, gmm, shift=base.shift, n=base.eval_samples, mode="ddim")[0]}
+    recipe = PRESETS["toy"].replace(**changes)
+    base = Toy2DConfig(method="dmd", target=target, seed=seed, recipe=recipe)
+    res: dict[str, Any] = {"teacher": evaluate(gmm.flow, gmm, base.recipe, n=base.eval_samples, mode="ddim")[0]}
     init = build_init(base, gmm, gmm.flow)
     timings = {}
     for method in methods:
-        cfg = Toy2DConfig(method=method, target=target, seed=seed, **overrides)
-        loop_cfg = LoopConfig(
-            iters=iters,
-            lr_gen=TOY_DEFAULTS["lr_gen"],
-            lr_critic=TOY_DEFAULTS["lr_critic"],
-            ema_start=TOY_DEFAULTS["ema_start"],
-            ckpt_every=iters or 1,
-            log_every=10,
-            seed=seed,
-        )
+        cfg = Toy2DConfig(method=method, target=target, seed=seed, recipe=recipe)
+        loop_cfg = toy_loop(seed, iters=iters, ckpt_every=iters or 1, log_every=10)
         t0 = time.perf_counter()
         _, final = run(cfg, loop_cfg, Path(out) / f"{method}-s{seed}", progress=False, init=init)
         timings[method] = time.perf_counter() - t0
@@ -137,19 +129,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sc-target", choices=["live", "ema"], default=None, help="ablation: v2 from live or EMA")
     p.add_argument("--shift", type=float, default=None, help="ablation: warp of step lists and DMD levels")
     args = p.parse_args(argv)
-    from salt_ref.train import TOY_DEFAULTS
+    from toy.setup_2d import TOY_LOOP
 
-    iters = TOY_DEFAULTS["iters"] if args.iters is None else args.iters
+    iters = TOY_LOOP["iters"] if args.iters is None else args.iters
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    overrides = {
+    changes = {  # recipe ablations
         k: v
         for k, v in {"sc_weight": args.sc_weight, "sc_target": args.sc_target, "shift": args.shift}.items()
         if v is not None
     }
     methods = tuple(args.methods)
-    jobs = [(args.target, s, iters, str(out), overrides, methods) for s in args.seeds]
+    jobs = [(args.target, s, iters, str(out), changes, methods) for s in args.seeds]
     with ProcessPoolExecutor(max_workers=max(1, args.workers)) as pool:
         per_seed = list(pool.map(_one_seed, jobs))
     elapsed = time.perf_counter() - t0

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-MEMORIES = ("full", "window:4", "sink:2+window:4")
+MEMORIES = ("full", "window:4", "sink:2+window:4")  # table labels; parsed once into MemoryPolicy where used
 BASELINE = "ode-init"  # the row of the student before distillation (deterministic: evaluated on the first seed)
 METRICS = (("fidelity", "fidelity ↓"), ("motion", "motion ↓"), ("class_acc", "class acc ↑"), ("frechet", "Fréchet ↓"))
 
@@ -33,6 +33,7 @@ METRICS = (("fidelity", "fidelity ↓"), ("motion", "motion ↓"), ("class_acc",
 def _one(args: tuple[str, int, int, str, dict, int]) -> dict[str, Any]:
     import torch
 
+    from salt_ref.kv_cache import MemoryPolicy
     from salt_ref.plots import read_metrics
     from toy.setup_video import SmallVideoConfig, cache_quality_gap, distill_loop, evaluate_student, load_run, run
 
@@ -51,7 +52,7 @@ def _one(args: tuple[str, int, int, str, dict, int]) -> dict[str, Any]:
     res: dict[str, Any] = {"memory": {}, "train_s": rows[-1]["time_s"] if rows else 0.0}
     for memory in MEMORIES:
         rope = "absolute" if memory == "full" else "relative"
-        metrics, _, drift = evaluate_student(student, cfg, memory=memory, rope=rope, steps=steps)
+        metrics, _, drift = evaluate_student(student, cfg, memory=MemoryPolicy.parse(memory), rope=rope, steps=steps)
         res["memory"][memory] = {"metrics": metrics, "drift": drift.tolist()}
     res["gap"] = {f"{h}x": cache_quality_gap(student, cfg, frames=h * cfg.frames) for h in (1, 4)}
     return res
@@ -62,9 +63,10 @@ def speed(out: Path, overrides: dict, repeats: int = 5) -> str:
     the prefix at 8 chunks. Every time is the median of ``repeats`` runs (one thread)."""
     import torch
 
+    from salt_ref.generate import generate, generate_without_cache
+    from salt_ref.kv_cache import MemoryPolicy
     from salt_ref.models.wan import WanModel
     from salt_ref.plots import plt
-    from salt_ref.sample import generate, generate_without_cache
     from toy.setup_video import SmallVideoConfig, model_config
 
     torch.set_num_threads(1)
@@ -75,7 +77,7 @@ def speed(out: Path, overrides: dict, repeats: int = 5) -> str:
 
     def seconds(fn, **kw) -> float:
         t0 = time.perf_counter()
-        fn(model, ctx, size=size, generator=torch.Generator().manual_seed(0), **kw)
+        fn(model, ctx, size=size, recipe=cfg.recipe, generator=torch.Generator().manual_seed(0), **kw)
         return time.perf_counter() - t0
 
     lines = ["| memory | chunks 1-4 (s/chunk) | chunks 29-32 (s/chunk) | last / first |", "|---|---:|---:|---:|"]
@@ -87,7 +89,8 @@ def speed(out: Path, overrides: dict, repeats: int = 5) -> str:
                 ctx,
                 frames=32 * cfg.chunk_frames,
                 size=size,
-                memory=memory,
+                recipe=cfg.recipe,
+                memory=MemoryPolicy.parse(memory),
                 rope="relative",
                 return_times=True,
                 generator=torch.Generator().manual_seed(0),
@@ -178,10 +181,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     overrides = (
-        dict(frames=4, size=8, dim=32, layers=2, heads=2, teacher_iters=2, ode_iters=2, ode_pairs=8, align_block=1)
+        dict(frames=4, size=8, dim=32, layers=2, heads=2, teacher_iters=2, ode_iters=2, ode_pairs=8)
         if args.tiny
         else {}
     )
+    if args.tiny:  # the tiny model has 2 blocks: align at the first
+        from salt_ref.recipe import PRESETS
+
+        overrides["recipe"] = PRESETS["small"].replace(align_block=1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

@@ -9,7 +9,9 @@ its teacher. Then the shared loop trains one of
     sc-dmd  L = L_DMD + 0.2 * L_SC         (SC on 8-step draws, never at the last step)
     cd      L = L_CD                       trajectory consistency distillation on a fine teacher grid
 
-and the result is scored against fresh target samples at 1, 2 and 4 steps (see :func:`evaluate`).
+and the result is scored against fresh target samples at 1, 2 and 4 steps (see :func:`evaluate`). The numbers
+above, the shift of every grid (training, pre-fit, CD, evaluation) and the SC target are the run's
+:class:`~salt_ref.recipe.Recipe` (the ``toy`` preset unless given); the loop settings are :func:`toy_loop`'s.
 Batches are ``[B, 2]``.
 """
 
@@ -24,19 +26,40 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from salt_ref.distill import METHODS, DMDObjective, StepLists, as_flow, consistency_distillation_loss, default_rollout
+from salt_ref.distill import METHODS, DMDObjective, as_flow, consistency_distillation_loss, default_rollout
 from salt_ref.loop import LoopConfig, LoopResult, Rng, train
 from salt_ref.metrics import rollout_composition_defect
 from salt_ref.models.mlp import MLPConfig, TimeMLP
+from salt_ref.recipe import PRESETS, Recipe
 from salt_ref.sc_dmd import coarse_boundaries
-from salt_ref.schedule import add_noise, denoising_sigmas, sample_sigmas
+from salt_ref.schedule import add_noise, sample_sigmas
 from salt_ref.updates import FlowFn, sample
 from toy.gmm import GaussianMixture, make_target
 from toy.metrics_2d import evaluate_2d
 
-__all__ = ["Toy2DConfig", "Toy2DTask", "fit_flow", "make_teacher", "build_task", "evaluate", "run"]
+__all__ = [
+    "TOY_LOOP",
+    "Toy2DConfig",
+    "Toy2DTask",
+    "toy_loop",
+    "fit_flow",
+    "make_teacher",
+    "build_init",
+    "build_task",
+    "evaluate",
+    "run",
+]
 
 EVAL_STEPS = (1, 2, 4)
+
+# Toy optimisation defaults: the recipe's ratios (5 critic updates, EMA 0.99, clip 10, betas (0, 0.999))
+# at learning rates that move a 2D MLP in hundreds rather than thousands of iterations.
+TOY_LOOP = {"iters": 1000, "lr_gen": 3e-4, "lr_critic": 1e-3, "ema_start": 100, "ckpt_every": 100, "log_every": 5}
+
+
+def toy_loop(seed: int = 0, **changes: Any) -> LoopConfig:
+    """The loop settings of a toy run (``TOY_LOOP`` with ``changes``), shared by the CLI, benchmark and tutorials."""
+    return LoopConfig(**{**TOY_LOOP, "seed": seed, **changes})
 
 
 @dataclass
@@ -49,10 +72,7 @@ class Toy2DConfig:
     batch: int = 256
     hidden: int = 256
     depth: int = 3
-    shift: float = 5.0
-    sc_weight: float = 0.2
-    sc_target: str = "live"
-    cfg_scale: float = 0.0  # the 2D targets are unconditional: no CFG
+    recipe: Recipe = field(default_factory=lambda: PRESETS["toy"])
     pretrain_iters: int = 1500
     pretrain_lr: float = 1e-3
     teacher_iters: int = 3000
@@ -64,6 +84,9 @@ class Toy2DConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {list(METHODS)}")
+        if isinstance(self.recipe, dict):  # read back from a run's JSON
+            self.recipe = Recipe.from_dict(self.recipe)
+        self.recipe = self.recipe.for_method(self.method)
         if self.teacher not in ("exact", "mlp"):
             raise ValueError(f"unknown teacher {self.teacher!r}; choose 'exact' or 'mlp'")
         if self.batch < 1 or self.pretrain_iters < 0 or self.teacher_iters < 0:
@@ -118,7 +141,7 @@ def make_teacher(cfg: Toy2DConfig, gmm: GaussianMixture, generator: torch.Genera
         teacher=None,
         lr=cfg.pretrain_lr,
         batch=cfg.batch,
-        shift=cfg.shift,
+        shift=cfg.recipe.shift,
         generator=generator,
     )
     return as_flow(mlp.requires_grad_(False).eval())
@@ -133,17 +156,14 @@ class Toy2DTask:
         self.critic = copy.deepcopy(init) if cfg.method != "cd" else None
         gen_flow = as_flow(self.generator)
         if cfg.method == "cd":
-            self.cd_grid = denoising_sigmas(cfg.cd_steps, cfg.shift)
+            self.cd_grid = cfg.recipe.sigmas(cfg.cd_steps)
             return
         self.objective = DMDObjective(
+            recipe=cfg.recipe,
             rollout_fn=default_rollout(gen_flow, "renoise"),
             noise_fn=lambda g: torch.randn(cfg.batch, gmm.dim, generator=g),
             real_flow=teacher,
             fake_flow=as_flow(self.critic),
-            step_lists=StepLists(shift=cfg.shift),
-            shift=cfg.shift,
-            sc_weight=cfg.sc_weight if cfg.method == "sc-dmd" else 0.0,
-            sc_target=cfg.sc_target,
         )
 
     def generator_loss(self, it: int, rng: Rng, ema: nn.Module) -> tuple[Tensor, dict[str, float]]:
@@ -171,7 +191,7 @@ def build_init(cfg: Toy2DConfig, gmm: GaussianMixture, teacher: FlowFn) -> nn.Mo
         teacher=teacher,
         lr=cfg.pretrain_lr,
         batch=cfg.batch,
-        shift=cfg.shift,
+        shift=cfg.recipe.shift,
         generator=g,
     )
 
@@ -188,8 +208,8 @@ def build_task(cfg: Toy2DConfig, init: nn.Module | None = None) -> Toy2DTask:
 def evaluate(
     flow_fn: FlowFn,
     gmm: GaussianMixture,
+    recipe: Recipe,
     *,
-    shift: float,
     n: int = 2000,
     steps: tuple[int, ...] = EVAL_STEPS,
     mode: str = "renoise",
@@ -197,21 +217,22 @@ def evaluate(
 ) -> tuple[dict[str, dict[str, float]], dict[int, Tensor]]:
     """Metrics per step count (``{"1": {...}, "2": ..., "defect": ...}``) and the samples ``{n: [N, 2]}``.
 
-    The same starting noise and sampler noise are used for every model, so differences are the models'.
+    The same starting noise and sampler noise are used for every model, so differences are the models'. Every
+    grid is ``recipe``'s (its shift; the composition defect on its SC fine list and segments).
     """
     ref = gmm.sample(n, torch.Generator().manual_seed(seed + 1))
     noise = torch.randn(n, gmm.dim, generator=torch.Generator().manual_seed(seed))
     results: dict[str, dict[str, float]] = {}
     samples: dict[int, Tensor] = {}
     for k in steps:
-        x = sample(
-            flow_fn, noise, denoising_sigmas(k, shift), mode=mode, generator=torch.Generator().manual_seed(seed + 2)
-        )
+        x = sample(flow_fn, noise, recipe.sigmas(k), mode=mode, generator=torch.Generator().manual_seed(seed + 2))
         samples[k] = x
         results[str(k)] = evaluate_2d(x, gmm, ref, generator=torch.Generator().manual_seed(seed + 3))
-    fine = denoising_sigmas(8, shift)
+    fine = recipe.sigmas(recipe.sc_fine_steps)
     results["composition_defect"] = {
-        "ddim": rollout_composition_defect(flow_fn, noise, fine, coarse_boundaries(fine), mode="ddim")
+        "ddim": rollout_composition_defect(
+            flow_fn, noise, fine, coarse_boundaries(fine, recipe.sc_segments), mode="ddim"
+        )
     }
     return results, samples
 
@@ -228,15 +249,15 @@ def run(
     """Train, evaluate the EMA student, and write ``final_metrics.json`` into ``out_dir``."""
     out_dir = Path(out_dir)
     task = build_task(cfg, init if not resume else _placeholder_init(cfg))
-    fingerprint = {"toy": asdict(cfg), "loop": {k: v for k, v in asdict(loop_cfg).items() if k != "iters"}}
-    result = train(task, loop_cfg, out_dir, fingerprint=fingerprint, resume=resume, progress=progress)
-    metrics, samples = evaluate(as_flow(result.ema.eval()), task.gmm, shift=cfg.shift, n=cfg.eval_samples)
+    result = train(task, loop_cfg, out_dir, fingerprint={"toy": asdict(cfg)}, resume=resume, progress=progress)
+    metrics, samples = evaluate(as_flow(result.ema.eval()), task.gmm, cfg.recipe, n=cfg.eval_samples)
     final = {
         "iterations": result.iterations,
         "method": cfg.method,
         "target": cfg.target,
         "metrics": metrics,
         "last_logs": result.last_logs,
+        "recipe": cfg.recipe.to_dict(),
     }
     (out_dir / "final_metrics.json").write_text(json.dumps(final, indent=2))
     final["samples"] = samples

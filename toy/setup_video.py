@@ -8,6 +8,8 @@ Pipeline (each stage through the shared loop, each cached on disk and reused whe
 
 The class label stands in for the prompt: its embedding (``toy.video_world.class_embedding``) is the text state
 ``[B, L, D]`` and ``null_embedding`` is the unconditional branch of CFG. Clips are ``[B, 3, F, H, W]`` in [-1, 1].
+Every schedule here (ODE-init grids, distillation, evaluation, the cache-gap experiment) is the run's
+:class:`~salt_ref.recipe.Recipe` (the ``small`` preset unless given).
 """
 
 from __future__ import annotations
@@ -15,18 +17,24 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from salt_ref import checkpoint as ckpt
-from salt_ref.loop import LoopConfig, loop_fingerprint, train
+from salt_ref.cache_condition import chunked_rollout
+from salt_ref.generate import generate
+from salt_ref.kv_cache import MemoryPolicy
+from salt_ref.loop import LoopConfig, train
+from salt_ref.models.causal_flow import WanCausalFlow
 from salt_ref.models.wan import WanConfig, WanModel
 from salt_ref.pretrain import FlowMatchingTask, ODERegressionTask, teacher_trajectories
-from salt_ref.schedule import denoising_sigmas
-from salt_ref.video_task import VideoDistillTask, VideoTaskConfig
+from salt_ref.recipe import PRESETS, Recipe
+from salt_ref.updates import rollout
+from salt_ref.video_task import VIDEO_METHODS, VideoDistillTask, VideoTaskConfig
+from toy import video_metrics as vm
 from toy import video_world as vw
 
 __all__ = [
@@ -46,10 +54,14 @@ __all__ = [
 
 @dataclass
 class SmallVideoConfig:
-    """The small-scale recipe: world, model size, and the budgets of the three stages."""
+    """The small-scale run: world, model size, the budgets of the three stages, and the recipe.
+
+    ``memory`` is a parsed :class:`~salt_ref.kv_cache.MemoryPolicy`; ``recipe`` is stored with the terms of
+    ``method`` switched on. :meth:`to_dict` / :meth:`from_dict` are the run's ``config.json``.
+    """
 
     method: str = "salt"
-    memory: str = "full"
+    memory: MemoryPolicy = field(default_factory=MemoryPolicy)
     rope: str = "absolute"
     frames: int = 8
     size: int = 16
@@ -63,11 +75,45 @@ class SmallVideoConfig:
     teacher_lr: float = 1e-3
     ode_pairs: int = 64
     ode_iters: int = 300
-    cfg_scale: float = 2.0
-    align_start: int = 0
-    align_block: int = 2
+    ode_grid_steps: int = 16  # the teacher's DDIM grid for the ODE pairs
+    ode_record_steps: int = 8  # states kept at this list's levels (it holds the 4- and 2-step levels too)
+    recipe: Recipe = field(default_factory=lambda: PRESETS["small"])
     seed: int = 0
     world: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method not in VIDEO_METHODS:
+            raise ValueError(f"unknown video method {self.method!r}; choose one of {list(VIDEO_METHODS)}")
+        if not isinstance(self.memory, MemoryPolicy):
+            raise TypeError(f"memory must be a MemoryPolicy (parse strings once, at the CLI), got {self.memory!r}")
+        if self.memory.bounded and self.memory.window < self.chunk_frames:
+            # checked here, before the teacher trains for minutes: a chunk must fit the attention window
+            raise ValueError(
+                f"memory {self.memory} keeps {self.memory.window} frames, less than a chunk of {self.chunk_frames}"
+            )
+        self.recipe = self.recipe.for_method(self.method)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "memory": str(self.memory)}
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "config") -> SmallVideoConfig:
+        """Read back :meth:`to_dict`; an unknown or bad setting raises ``ValueError`` naming ``source``."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown settings {unknown}")
+        data = dict(data)
+        try:
+            if "memory" in data:
+                data["memory"] = MemoryPolicy.parse(data["memory"])
+            if "recipe" in data:
+                data["recipe"] = Recipe.from_dict(data["recipe"])
+            return cls(**data)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{source}: {e}") from None
 
     def world_config(self) -> vw.VideoWorldConfig:
         return vw.VideoWorldConfig(frames=self.frames, size=self.size, **self.world)
@@ -89,8 +135,11 @@ class SmallVideoConfig:
         return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
     def init_key(self) -> str:
-        keys = ("chunk_frames", "ode_pairs", "ode_iters", "cfg_scale")
-        blob = json.dumps({k: asdict(self)[k] for k in keys}, sort_keys=True)
+        keys = ("chunk_frames", "ode_pairs", "ode_iters", "ode_grid_steps", "ode_record_steps")
+        r = self.recipe
+        blob = json.dumps(
+            {**{k: asdict(self)[k] for k in keys}, "cfg_scale": r.cfg_scale, "shift": r.shift}, sort_keys=True
+        )
         return self.teacher_key() + "-" + hashlib.sha1(blob.encode()).hexdigest()[:10]
 
 
@@ -179,9 +228,9 @@ def get_student_init(cfg: SmallVideoConfig, teacher: WanModel, cache_dir: Path, 
             noise,
             prompts.embed(labels),
             prompts.null(cfg.ode_pairs),
-            denoising_sigmas(16, 5.0),
-            denoising_sigmas(8, 5.0),
-            cfg_scale=cfg.cfg_scale,
+            cfg.recipe.sigmas(cfg.ode_grid_steps),
+            cfg.recipe.sigmas(cfg.ode_record_steps),
+            cfg_scale=cfg.recipe.cfg_scale,
         )
         student = WanModel(mcfg)
         student.load_state_dict({k: v for k, v in teacher.state_dict().items()})  # same weights, causal mask
@@ -209,13 +258,10 @@ def build_task(cfg: SmallVideoConfig, teacher: WanModel, init: WanModel) -> Vide
     task_cfg = VideoTaskConfig(
         method=cfg.method,
         latent=(mcfg.in_dim, cfg.frames, cfg.size, cfg.size),
-        chunk_frames=cfg.chunk_frames,
         memory=cfg.memory,
         rope=cfg.rope,
-        cfg_scale=cfg.cfg_scale,
-        align_start=cfg.align_start,
-        align_block=cfg.align_block,
         batch=4,
+        recipe=cfg.recipe,
     )
     critic = copy.deepcopy(teacher).requires_grad_(True)
     prompts = ClassPrompts(world, mcfg.text_len, mcfg.text_dim)
@@ -253,16 +299,17 @@ def evaluate_student(
     cfg: SmallVideoConfig,
     *,
     n_per_class: int = 4,
-    memory: str | None = None,
+    memory: MemoryPolicy | None = None,
     rope: str | None = None,
     horizons: tuple[int, ...] = HORIZONS,
-    steps: int = 4,
+    steps: int | None = None,
     seed: int = 1234,
 ) -> tuple[dict[str, dict[str, float]], dict[int, Tensor], Tensor]:
-    """Metrics at each horizon (x the trained length), the videos, and the drift curve of the longest."""
-    from salt_ref.sample import generate
-    from toy import video_metrics as vm
+    """Metrics at each horizon (x the trained length), the videos, and the drift curve of the longest.
 
+    Sampling follows ``cfg.recipe`` (``steps`` defaults to its ``sample_steps``), under ``memory`` and ``rope``
+    (default: the run's).
+    """
     world = cfg.world_config()
     mcfg = student.config
     prompts = ClassPrompts(world, mcfg.text_len, mcfg.text_dim)
@@ -276,6 +323,7 @@ def evaluate_student(
             prompts.embed(labels),
             frames=frames,
             size=(cfg.size, cfg.size),
+            recipe=cfg.recipe,
             steps=steps,
             memory=memory or cfg.memory,
             rope=rope or cfg.rope,
@@ -306,16 +354,16 @@ def run(
     teacher = get_teacher(cfg, cache_dir, progress=progress)
     init = get_student_init(cfg, teacher, cache_dir, progress=progress)
     task = build_task(cfg, teacher, init)
-    (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
-    fingerprint = {"small": asdict(cfg), "loop": loop_fingerprint(loop_cfg)}
-    result = train(task, loop_cfg, out_dir, fingerprint=fingerprint, resume=resume, progress=progress)
+    (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    result = train(task, loop_cfg, out_dir, fingerprint={"small": cfg.to_dict()}, resume=resume, progress=progress)
     metrics, videos, drift = evaluate_student(result.ema.eval(), cfg)
     final = {
         "iterations": result.iterations,
         "method": cfg.method,
-        "memory": cfg.memory,
+        "memory": str(cfg.memory),
         "metrics": metrics,
         "drift": drift.tolist(),
+        "recipe": cfg.recipe.to_dict(),
     }
     (out_dir / "final_metrics.json").write_text(json.dumps(final, indent=1))
     for h, video in videos.items():
@@ -346,7 +394,11 @@ def load_run(run_dir: Path) -> tuple[WanModel, SmallVideoConfig, ClassPrompts]:
     for path in (cfg_path, ckpt_path):
         if not path.exists():
             raise FileNotFoundError(f"{path} is missing: is {run_dir} a small-scale run directory?")
-    cfg = SmallVideoConfig(**json.loads(cfg_path.read_text()))
+    try:
+        data = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path} is not valid JSON ({e})") from None
+    cfg = SmallVideoConfig.from_dict(data, source=str(cfg_path))
     mcfg = model_config(cfg, causal=True)
     model = _load_module(ckpt_path, WanModel(mcfg)).eval()
     return model, cfg, ClassPrompts(cfg.world_config(), mcfg.text_len, mcfg.text_dim)
@@ -359,58 +411,53 @@ def cache_quality_gap(
     *,
     n_per_class: int = 4,
     frames: int | None = None,
-    memory: str | None = None,
-    hq_steps: int = 4,
+    memory: MemoryPolicy | None = None,
     seed: int = 4321,
 ) -> dict[str, float]:
-    """Quality of 2-step chunks conditioned on an LQ cache (written by 2-step outputs) vs an HQ cache (written by
-    4-step outputs of the same student, same noise): metrics of both videos and their fidelity gap (LQ - HQ).
+    """Quality of LQ-list chunks (the recipe's ``align_steps``, 2) under an LQ cache written by their own outputs,
+    vs under an HQ cache written by ``align_reference_steps`` (4) outputs of the same student and chunk noise:
+    metrics of both videos and their fidelity gap (LQ - HQ).
 
-    The gap is taken on per-frame fidelity only: the HQ path shows its 2-step chunks but continues from the 4-step
-    ones in its cache, so motion across its chunk boundaries (and the Fréchet distance built on it) measures that
-    splice, not the cache's effect. ``frames`` defaults to the trained length; longer rollouts accumulate the
-    cache's effect over more chunks.
+    Both are one :func:`~salt_ref.cache_condition.chunked_rollout` along the LQ list; the HQ one's ``writer``
+    rolls the chunk out again on the HQ grid, replaying the chunk's draws, and writes that (so the two videos
+    differ only by their caches; with an HQ grid equal to the LQ list they are identical). The gap is taken on per-frame fidelity only: the HQ path shows its 2-step chunks but continues
+    from the 4-step ones in its cache, so motion across its chunk boundaries (and the Fréchet distance built on it)
+    measures that splice, not the cache's effect. ``frames`` defaults to the trained length; longer rollouts
+    accumulate the cache's effect over more chunks.
     """
-    from salt_ref.updates import rollout
-    from toy import video_metrics as vm
-
+    r = cfg.recipe
     world = cfg.world_config()
     mcfg = student.config
     prompts = ClassPrompts(world, mcfg.text_len, mcfg.text_dim)
     labels = torch.arange(world.n_classes).repeat_interleave(n_per_class)
-    ctx = prompts.embed(labels)
     frames = frames or cfg.frames
-    g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(len(labels), mcfg.in_dim, frames, cfg.size, cfg.size, generator=g)
-    two, hq_grid = denoising_sigmas(2, 5.0), denoising_sigmas(hq_steps, 5.0)
-    caches = {
-        q: student.new_cache(
-            memory or cfg.memory, batch=len(labels), frames_hw=(cfg.size, cfg.size), max_frames=frames, rope=cfg.rope
-        )
-        for q in ("lq", "hq")
+    noise = torch.randn(
+        len(labels), mcfg.in_dim, frames, cfg.size, cfg.size, generator=torch.Generator().manual_seed(seed)
+    )
+    flow = WanCausalFlow(student, prompts.embed(labels), policy=memory or cfg.memory, rope=cfg.rope)
+    hq_grid = r.sigmas(r.align_reference_steps)
+
+    def hq_writer(flow_c, x0, noise_c, replay):
+        return rollout(flow_c, noise_c, hq_grid, generator=replay, grad_exit=False).x0
+
+    videos = {
+        q: chunked_rollout(
+            flow,
+            noise,
+            r.sigmas(r.align_steps),
+            generator=torch.Generator().manual_seed(seed + 3),
+            grad_exit=False,
+            context_sigma=r.context_sigma,
+            writer=writer,
+        ).x0
+        for q, writer in (("lq", None), ("hq", hq_writer))
     }
-    outs: dict[str, list[Tensor]] = {"lq": [], "hq": []}
-    for s in range(0, frames, cfg.chunk_frames):
-        e = min(s + cfg.chunk_frames, frames)
-
-        def flow(q: str, s: int = s):
-            return lambda x, sig: student(x, sig * 1000.0, ctx, kv_cache=caches[q], start_frame=s)
-
-        chunk = noise[:, :, s:e]
-        draws = g.get_state()  # every rollout of the chunk re-noises with the same draws: only caches differ
-        x_hq4 = rollout(flow("hq"), chunk, hq_grid, generator=g, grad_exit=False).x0
-        for q in ("lq", "hq"):
-            g.set_state(draws)
-            outs[q].append(rollout(flow(q), chunk, two, generator=g, grad_exit=False).x0)
-        zero = torch.zeros(len(labels))
-        student(outs["lq"][-1], zero, ctx, kv_cache=caches["lq"], start_frame=s, commit=True)
-        student(x_hq4, zero, ctx, kv_cache=caches["hq"], start_frame=s, commit=True)
     ref, _, _ = vw.sample(
         len(labels), torch.Generator().manual_seed(seed + 1), config=world, frames=frames, label=labels
     )
     res = {}
-    for q in ("lq", "hq"):
-        for k, v in vm.evaluate_video(torch.cat(outs[q], dim=2), labels, ref, config=world).items():
+    for q, video in videos.items():
+        for k, v in vm.evaluate_video(video, labels, ref, config=world).items():
             res[f"{q}_{k}"] = v
     res["gap_fidelity"] = res["lq_fidelity"] - res["hq_fidelity"]
     return res

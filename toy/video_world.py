@@ -22,13 +22,12 @@ Random states: ``r ~ U[radius]``, ``p0 ~ U[lo, hi]^2``, heading ``~ U[0, 2 pi)``
 Shapes: videos ``[N, C, F, S, S]``; labels ``[N]``; positions ``[N, F, 2]``; class embeddings ``[N, L, D]``
 (text states for the Wan model, e.g. ``L = 8``, ``D = 32`` for ``WanConfig.preset("tiny")``).
 
-Demo: ``python -m toy.video_world --out runs/video_world`` writes a GIF and a PNG frame grid of a few clips per
-class and prints the metrics of clean against noisy clips.
+The world knows nothing of its metrics (``toy.video_metrics`` reads the world, never the other way round); its
+demo, ``python -m toy.video_metrics --out runs/video_world``, lives there.
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,7 +180,7 @@ def sample_states(
     return ClipState(p0, v, r, label, config.palette[label], config.size)
 
 
-def _fold(q: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+def fold(q: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
     """Fold free positions ``q`` into ``[lo, hi]``; also the direction sign (+1 moving with ``v``, -1 against)."""
     span = hi - lo
     u = torch.remainder(q - lo, 2 * span)
@@ -191,7 +190,7 @@ def _fold(q: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
 
 def reflect(p: Tensor, lo: Tensor | float, hi: Tensor | float) -> Tensor:
     """Fold unbounded positions into ``[lo, hi]`` by elastic reflection (broadcasting)."""
-    return _fold(p, torch.as_tensor(lo, dtype=p.dtype), torch.as_tensor(hi, dtype=p.dtype))[0]
+    return fold(p, torch.as_tensor(lo, dtype=p.dtype), torch.as_tensor(hi, dtype=p.dtype))[0]
 
 
 def _free_path(state: ClipState, frames: int, size: int | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -205,12 +204,12 @@ def _free_path(state: ClipState, frames: int, size: int | None) -> tuple[Tensor,
 
 def trajectory(state: ClipState, frames: int, size: int | None = None) -> Tensor:
     """Centres ``[N, F, 2]`` of the bouncing disc at frames ``0..F-1`` (``size`` defaults to ``state.size``)."""
-    return _fold(*_free_path(state, frames, size))[0]
+    return fold(*_free_path(state, frames, size))[0]
 
 
 def velocity(state: ClipState, frames: int, size: int | None = None) -> Tensor:
     """Instantaneous velocities ``[N, F, 2]``: ``v`` with each axis flipped once per wall hit so far."""
-    return _fold(*_free_path(state, frames, size))[1] * state.v[:, None]
+    return fold(*_free_path(state, frames, size))[1] * state.v[:, None]
 
 
 def disc_mask(centres: Tensor, radius: Tensor, size: int, edge: float = EDGE) -> Tensor:
@@ -318,39 +317,3 @@ def save_frame_grid(video: Tensor, path: str | Path, *, labels: Tensor | None = 
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-
-
-def main(argv: list[str] | None = None) -> int:
-    from toy import video_metrics as vm
-
-    p = argparse.ArgumentParser(prog="python -m toy.video_world", description="write sample clips and their metrics")
-    p.add_argument("--out", default="runs/video_world", help="output folder (clips.gif, frames.png)")
-    p.add_argument("--frames", type=int, default=32)
-    p.add_argument("--per-class", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    torch.set_num_threads(1)
-    cfg = VideoWorldConfig()
-    out = Path(args.out)
-    labels = torch.arange(cfg.n_classes).repeat(args.per_class)
-    g = torch.Generator().manual_seed(args.seed)
-    video, labels, _ = sample(len(labels), g, config=cfg, frames=args.frames, label=labels)
-    print(
-        f"wrote {save_video(video, out / 'clips.gif')} and {save_frame_grid(video, out / 'frames.png', labels=labels)}"
-    )
-
-    n = 64
-    g = torch.Generator().manual_seed(args.seed + 1)
-    clean, lab, _ = sample(n, g, config=cfg, frames=args.frames)
-    ref, _, _ = sample(n, g, config=cfg, frames=args.frames)
-    noisy = clean + 0.2 * torch.randn(clean.shape, generator=g)
-    shuffled = clean[:, :, torch.randperm(args.frames, generator=g)]
-    print(f"{n} clips x {args.frames} frames of {cfg.size}x{cfg.size}; reference: {n} other clips of the world")
-    for name, v in (("clean", clean), ("noise 0.2", noisy), ("shuffled", shuffled)):
-        res = vm.evaluate_video(v, lab, ref, config=cfg)
-        print(f"{name:>10}: " + "  ".join(f"{k} {val:.4g}" for k, val in res.items()))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

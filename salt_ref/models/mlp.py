@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
+from salt_ref.schedule import t_to_sigma
+
 __all__ = ["MLPConfig", "TimeMLP"]
 
 
@@ -50,5 +52,5 @@ class TimeMLP(nn.Module):
         if x.ndim != 2 or x.shape[1] != self.config.dim:
             raise ValueError(f"x must be [B, {self.config.dim}], got {tuple(x.shape)}")
         t = torch.as_tensor(t, dtype=x.dtype, device=x.device).expand(x.shape[0])
-        phase = 2 * math.pi * (t[:, None] / 1000.0) * self.freqs.to(x)
+        phase = 2 * math.pi * t_to_sigma(t[:, None]) * self.freqs.to(x)
         return self.net(torch.cat([x, phase.cos(), phase.sin()], dim=1))

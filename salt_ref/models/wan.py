@@ -14,7 +14,9 @@ With ``d = dim``, ``n`` heads of ``hd = d / n`` and patch ``(1, 2, 2)``::
 3D RoPE splits each head's channels into frame/row/column parts of ``hd - 4(hd//6)``, ``2(hd//6)``, ``2(hd//6)``
 with interleaved (real, imag) pairs and ``theta = 10000``. ``t`` is ``[B]`` or per frame ``[B, F]`` (causal
 students denoise chunks at their own levels). Parameter names follow the official checkpoint, so its state dict
-loads as is; :func:`load_checkpoint` also reads the diffusers layout.
+loads as is; the loader, :func:`~salt_ref.models.wan_weights.load_checkpoint` in
+:mod:`salt_ref.models.wan_weights` (re-exported here with its key mappings and :class:`CheckpointKeyError`), also
+reads the diffusers and ComfyUI layouts.
 
 ``causal=True`` gives block-causal attention over chunks of ``chunk_frames`` frames: without a cache through one
 masked attention (:func:`salt_ref.kv_cache.attention_mask`), with a list of per-layer
@@ -23,12 +25,9 @@ masked attention (:func:`salt_ref.kv_cache.attention_mask`), with a list of per-
 
 from __future__ import annotations
 
-import json
 import math
-import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +35,10 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from salt_ref.kv_cache import KVCache, MemoryPolicy, attention_mask
+
+# The weights loader lives in wan_weights (which imports this module only for type hints, so no cycle); its public
+# names stay importable from here, where callers have always found them.
+from salt_ref.models.wan_weights import CheckpointKeyError, from_diffusers_keys, load_checkpoint, to_diffusers_keys
 
 __all__ = [
     "WanConfig",
@@ -412,160 +415,3 @@ class WanModel(nn.Module):
         out = out.reshape(b, fp, hp, wp, pt, ph, pw, cfg.out_dim)
         out = torch.einsum("bfhwpqrc->bcfphqwr", out).reshape(b, cfg.out_dim, n_f, h, w)
         return (out, feats) if wanted else out
-
-
-# -------------------------------------------------------------------------------------- checkpoints
-
-
-class CheckpointKeyError(KeyError):
-    """A checkpoint's keys or shapes do not match the model; the message names them."""
-
-    def __str__(self) -> str:  # KeyError would repr() the message
-        return str(self.args[0])
-
-
-# Ordered (official -> diffusers) renames; applied as plain substring replacement, as diffusers' converter.
-_DIFFUSERS_RENAMES = [
-    ("time_embedding.0", "condition_embedder.time_embedder.linear_1"),
-    ("time_embedding.2", "condition_embedder.time_embedder.linear_2"),
-    ("text_embedding.0", "condition_embedder.text_embedder.linear_1"),
-    ("text_embedding.2", "condition_embedder.text_embedder.linear_2"),
-    ("time_projection.1", "condition_embedder.time_proj"),
-    ("head.modulation", "scale_shift_table"),
-    ("head.head", "proj_out"),
-    ("modulation", "scale_shift_table"),
-    ("ffn.0", "ffn.net.0.proj"),
-    ("ffn.2", "ffn.net.2"),
-    ("norm3", "norm2"),  # the cross-attention's affine LayerNorm; the FFN norm has no parameters
-    ("self_attn.q", "attn1.to_q"),
-    ("self_attn.k", "attn1.to_k"),
-    ("self_attn.v", "attn1.to_v"),
-    ("self_attn.o", "attn1.to_out.0"),
-    ("self_attn.norm_q", "attn1.norm_q"),
-    ("self_attn.norm_k", "attn1.norm_k"),
-    ("cross_attn.q", "attn2.to_q"),
-    ("cross_attn.k", "attn2.to_k"),
-    ("cross_attn.v", "attn2.to_v"),
-    ("cross_attn.o", "attn2.to_out.0"),
-    ("cross_attn.norm_q", "attn2.norm_q"),
-    ("cross_attn.norm_k", "attn2.norm_k"),
-]
-
-
-def _rename(key: str, table: list[tuple[str, str]]) -> str:
-    for old, new in table:
-        # match whole dotted components so "self_attn.q" never hits "self_attn.q_something"
-        key = re.sub(rf"(^|\.){re.escape(old)}(?=\.|$)", lambda m, n=new: m.group(1) + n, key)
-    return key
-
-
-def to_diffusers_keys(key: str) -> str:
-    """Official Wan key -> diffusers ``WanTransformer3DModel`` key."""
-    key = _rename(key, [(a, b) for a, b in _DIFFUSERS_RENAMES if a != "norm3"])
-    return re.sub(r"(^|\.)norm3(?=\.)", r"\1norm2", key)
-
-
-def from_diffusers_keys(key: str) -> str:
-    """diffusers key -> official Wan key (exact inverse of :func:`to_diffusers_keys` on Wan T2V keys)."""
-    inverse = [(b, a) for a, b in reversed(_DIFFUSERS_RENAMES)]
-    # "scale_shift_table" at top level is the head's; inside blocks it is the block modulation
-    if key == "scale_shift_table":
-        return "head.modulation"
-    return _rename(key, inverse)
-
-
-def _checkpoint_files(path: Path) -> tuple[list[Path], dict[str, str] | None]:
-    """The safetensors file(s) of ``path``: a file, an index JSON, or a folder holding either."""
-    if path.is_dir():
-        idx = sorted(path.glob("*.safetensors.index.json"))
-        if idx:
-            path = idx[0]
-        else:
-            files = sorted(path.glob("*.safetensors"))
-            if len(files) != 1:
-                raise FileNotFoundError(f"{path} holds {len(files)} .safetensors files and no index JSON")
-            return files, None
-    if path.name.endswith(".index.json"):
-        weight_map: dict[str, str] = json.loads(path.read_text())["weight_map"]
-        files = sorted({path.parent / f for f in weight_map.values()})
-        missing = [str(f) for f in files if not f.exists()]
-        if missing:
-            raise FileNotFoundError(f"shards named in {path} are missing: {missing}")
-        return files, weight_map
-    if not path.exists():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    return [path], None
-
-
-def load_checkpoint(model: WanModel, path: str | Path, *, strict: bool = True) -> dict[str, list[str]]:
-    """Load official-layout or diffusers-layout Wan weights (single file, shards + index, or folder).
-
-    Tensors are read one at a time from memory-mapped safetensors and copied into the model's parameters,
-    so no second full copy of the weights is materialised; into an FSDP2-sharded model each rank reads only
-    the rows of its own shard. Keys may carry the ComfyUI prefix
-    ``model.diffusion_model.``. With ``strict`` a mismatch raises :class:`CheckpointKeyError` naming the
-    missing keys, unexpected keys and differing shapes; otherwise they are returned.
-    """
-    from safetensors import safe_open
-
-    files, _ = _checkpoint_files(Path(path))
-    own = model.state_dict()
-    stored: dict[str, tuple[Path, str]] = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as sf:
-            for k in sf.keys():
-                stored[k.removeprefix("model.diffusion_model.")] = (f, k)
-    # decide the layout from all shards together: one shard may hold only keys named alike in both layouts
-    diffusers = any(n.startswith(("condition_embedder.", "proj_out.")) or ".attn1." in n for n in stored)
-    seen = {(from_diffusers_keys(n) if diffusers else n): fk for n, fk in stored.items()}
-    missing = sorted(set(own) - set(seen))
-    unexpected = sorted(set(seen) - set(own))
-    shapes = []
-    for name in sorted(set(own) & set(seen)):
-        f, k = seen[name]
-        with safe_open(str(f), framework="pt") as sf:
-            shape = tuple(sf.get_slice(k).get_shape())
-        if shape != tuple(own[name].shape):
-            shapes.append(f"{name}: checkpoint {shape} vs model {tuple(own[name].shape)}")
-    report = {"missing": missing, "unexpected": unexpected, "shape_mismatch": shapes}
-    if strict and (missing or unexpected or shapes):
-        raise CheckpointKeyError(
-            f"checkpoint {path} does not match WanModel({_short(model.config)}): "
-            f"{len(missing)} missing {missing[:20]}, {len(unexpected)} unexpected {unexpected[:20]}, "
-            f"shape mismatches {shapes[:20]}"
-        )
-    by_file: dict[Path, list[tuple[str, str]]] = {}
-    for name in set(own) & set(seen):
-        if not any(s.startswith(name + ":") for s in shapes):
-            by_file.setdefault(seen[name][0], []).append((name, seen[name][1]))
-    params = dict(model.named_parameters())
-    params.update(dict(model.named_buffers()))
-    with torch.no_grad():
-        for f, pairs in by_file.items():
-            with safe_open(str(f), framework="pt") as sf:
-                for name, k in pairs:
-                    target = params[name]
-                    if target.is_meta:
-                        raise ValueError(f"{name} is on the meta device: materialise the model (to_empty) first")
-                    if hasattr(target, "to_local"):  # an FSDP2 shard: read only this rank's rows
-                        target.to_local().copy_(_local_rows(sf.get_slice(k), target).to(target.dtype))
-                    else:
-                        target.copy_(sf.get_tensor(k).to(target.dtype))
-    return report
-
-
-def _local_rows(tensor_slice, dtensor) -> Tensor:
-    """This rank's dim-0 chunk of a stored tensor (FSDP2 ``Shard(0)``: ``torch.chunk`` rows), read lazily."""
-    from torch.distributed.tensor import Shard
-
-    if len(dtensor.placements) != 1 or not isinstance(dtensor.placements[0], Shard) or dtensor.placements[0].dim:
-        raise ValueError(f"only FSDP2's 1-D Shard(0) layout is supported, got {dtensor.placements}")
-    n_rows = tensor_slice.get_shape()[0]
-    world, rank = dtensor.device_mesh.size(), dtensor.device_mesh.get_local_rank()
-    per = -(-n_rows // world)  # ceil: torch.chunk's chunk size
-    start, stop = min(rank * per, n_rows), min((rank + 1) * per, n_rows)
-    return tensor_slice[start:stop]
-
-
-def _short(cfg: WanConfig) -> str:
-    return f"dim={cfg.dim}, layers={cfg.num_layers}, heads={cfg.num_heads}, ffn={cfg.ffn_dim}, in={cfg.in_dim}"
