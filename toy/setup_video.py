@@ -420,9 +420,10 @@ def cache_quality_gap(
 
     Both are one :func:`~salt_ref.cache_condition.chunked_rollout` along the LQ list; the HQ one's ``writer``
     rolls the chunk out again on the HQ grid, replaying the chunk's draws, and writes that (so the two videos
-    differ only by their caches; with an HQ grid equal to the LQ list they are identical). The gap is taken on per-frame fidelity only: the HQ path shows its 2-step chunks but continues
-    from the 4-step ones in its cache, so motion across its chunk boundaries (and the Fréchet distance built on it)
-    measures that splice, not the cache's effect. ``frames`` defaults to the trained length; longer rollouts
+    differ only by their caches; with an HQ grid equal to the LQ list they are identical). The gap is taken on
+    per-frame fidelity only: the HQ path shows its 2-step chunks but continues from the 4-step ones in its cache,
+    so motion across its chunk boundaries (and the Fréchet distance built on it) measures that splice, not the
+    cache's effect. ``frames`` defaults to the trained length; longer rollouts
     accumulate the cache's effect over more chunks.
     """
     r = cfg.recipe
