@@ -43,6 +43,8 @@ __all__ = [
     "load_module_tensors",
     "optimizer_tensors",
     "load_optimizer_tensors",
+    "rank_and_world",
+    "barrier",
 ]
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
@@ -139,14 +141,15 @@ def load_optimizer_tensors(
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
-def _world() -> tuple[int, int]:
+def rank_and_world() -> tuple[int, int]:
     """``(rank, world size)``; ``(0, 1)`` outside ``torch.distributed``."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
-def _barrier() -> None:
+def barrier() -> None:
+    """``torch.distributed.barrier()`` when a process group is up; nothing otherwise."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
@@ -286,15 +289,15 @@ class DCPCheckpointer:
     def save(self, state: Any, fingerprint: dict[str, Any]) -> None:
         import torch.distributed.checkpoint as dcp
 
-        rank, world = _world()
+        rank, world = rank_and_world()
         tmp, old = self.path.with_name(self.path.name + ".tmp"), self.path.with_name(self.path.name + ".old")
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        _barrier()
+        barrier()
         dcp.save(self._state_dicts(state), checkpoint_id=str(tmp))
         torch.save(state.rng_tensors(), tmp / f"rng_rank{rank}.pt")
-        _barrier()
+        barrier()
         if rank == 0:
             meta = {"iteration": state.done, "config": fingerprint, "world_size": world}
             (tmp / "meta.json").write_text(json.dumps(meta))
@@ -302,7 +305,7 @@ class DCPCheckpointer:
                 self.path.rename(old)
             tmp.rename(self.path)
             shutil.rmtree(old, ignore_errors=True)
-        _barrier()
+        barrier()
 
     def load(self, state: Any, fingerprint: dict[str, Any]) -> None:
         import torch.distributed.checkpoint as dcp
@@ -310,7 +313,7 @@ class DCPCheckpointer:
 
         meta = json.loads((self.path / "meta.json").read_text())
         _check_fingerprint(self.path, meta["config"], fingerprint)
-        rank, world = _world()
+        rank, world = rank_and_world()
         if meta["world_size"] != world:
             raise CheckpointMismatchError(
                 f"{self.path} was written by {meta['world_size']} ranks, this run has {world}: the per-rank "

@@ -107,6 +107,29 @@ class DMDOutput:
     x0_fake: Tensor  # [B, ...]
 
 
+def _renoise(
+    x0: Tensor,
+    shift: float,
+    sigma_min: float,
+    sigma_max: float,
+    generator: torch.Generator | None,
+    sigma: Tensor | None,
+    noise: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(sigma [B], eps, x_sigma)``: DMD's level (drawn unless given), noise (drawn unless given), noised ``x0``.
+
+    The level is drawn before the noise, the order both losses share (their runs are reproducible from a seed).
+    """
+    if sigma is None:
+        sigma = sample_dmd_sigmas(
+            x0.shape[0], shift=shift, sigma_min=sigma_min, sigma_max=sigma_max, generator=generator, device=x0.device
+        )
+    sigma = sigma.to(x0)
+    if noise is None:
+        noise = randn_like(x0, generator)
+    return sigma, noise, add_noise(x0, noise, sigma)
+
+
 def dmd_generator_loss(
     x0: Tensor,
     real_flow: FlowFn,
@@ -130,16 +153,8 @@ def dmd_generator_loss(
         sigma: fix the re-noising level ``[B]`` (drawn if ``None``).
         noise: fix the noise ``[B, ...]`` (drawn if ``None``).
     """
-    batch = x0.shape[0]
-    if sigma is None:
-        sigma = sample_dmd_sigmas(
-            batch, shift=shift, sigma_min=sigma_min, sigma_max=sigma_max, generator=generator, device=x0.device
-        )
-    sigma = sigma.to(x0)
-    if noise is None:
-        noise = randn_like(x0, generator)
+    sigma, noise, x_sigma = _renoise(x0.detach(), shift, sigma_min, sigma_max, generator, sigma, noise)
     with torch.no_grad():
-        x_sigma = add_noise(x0.detach(), noise, sigma)
         x0_real = x0_from_flow(x_sigma, sigma, real_flow(x_sigma, sigma))
         x0_fake = x0_from_flow(x_sigma, sigma, fake_flow(x_sigma, sigma))
     return DMDOutput(dmd_loss(x0, x0_real, x0_fake), sigma, x0_real, x0_fake)
@@ -161,12 +176,5 @@ def critic_loss(
     ``x0 [B, ...]`` is detached here; the level is drawn as for DMD (uniform, shifted, clipped).
     """
     x0 = x0.detach()
-    if sigma is None:
-        sigma = sample_dmd_sigmas(
-            x0.shape[0], shift=shift, sigma_min=sigma_min, sigma_max=sigma_max, generator=generator, device=x0.device
-        )
-    sigma = sigma.to(x0)
-    if noise is None:
-        noise = randn_like(x0, generator)
-    x_sigma = add_noise(x0, noise, sigma)
+    sigma, noise, x_sigma = _renoise(x0, shift, sigma_min, sigma_max, generator, sigma, noise)
     return (fake_flow(x_sigma, sigma) - (noise - x0)).pow(2).mean()

@@ -47,7 +47,7 @@ from salt_ref.checkpoint import (
     Checkpointer,
     DCPCheckpointer,
     SafetensorsCheckpointer,
-    _world,
+    rank_and_world,
 )
 from salt_ref.run_lock import RunLock
 
@@ -146,7 +146,7 @@ class _State:
         self.ema = (make_ema() if make_ema is not None else copy.deepcopy(task.generator)).requires_grad_(False)
         self.opt_gen = self._adamw(task.generator, cfg.lr_gen)
         self.opt_critic = self._adamw(task.critic, cfg.lr_critic) if task.critic is not None else None
-        rank, _ = _world()
+        rank, _ = rank_and_world()
         self.shared = torch.Generator().manual_seed(cfg.seed)
         # stream seeds depend on the global micro-batch index only, so world x accum fixes the data
         self.local = [
@@ -178,7 +178,7 @@ def _as_float(x: Tensor) -> float:
 
 def _reduce_logs(logs: dict[str, float]) -> dict[str, float]:
     """Mean of every numeric log over ranks (all ranks log the same keys: their choices are shared)."""
-    _, world = _world()
+    _, world = rank_and_world()
     if world == 1 or not logs:
         return logs
     keys = sorted(logs)
@@ -301,7 +301,7 @@ def train(
         FileNotFoundError: ``resume`` without a checkpoint.
         NonFiniteLossError: a NaN/inf loss or gradient norm; the last good checkpoint is kept.
     """
-    rank, world = _world()
+    rank, world = rank_and_world()
     fingerprint = _run_fingerprint(fingerprint, cfg, world)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -320,7 +320,7 @@ def _train_locked(
     callback: Callable[[int, dict[str, float]], None] | None,
     checkpointer: Checkpointer | None,
 ) -> LoopResult:
-    rank, _ = _world()
+    rank, _ = rank_and_world()
     saver = checkpointer or SafetensorsCheckpointer(out_dir / CHECKPOINT_NAME)
     metrics_path = out_dir / METRICS_NAME
     state = _State(task, cfg)

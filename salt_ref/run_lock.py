@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from salt_ref.checkpoint import CheckpointMismatchError, _world
+from salt_ref.checkpoint import CheckpointMismatchError, rank_and_world
 
 __all__ = ["LOCK_NAME", "RunLock", "RunLockedError"]
 
@@ -151,7 +151,7 @@ class RunLock:
 
     def acquire(self) -> None:
         """Take the lock (rank 0 only under ``torch.distributed``); :class:`RunLockedError` if a live run has it."""
-        rank, world = _world()
+        rank, world = rank_and_world()
         if world == 1:
             self._take()
             return

@@ -52,6 +52,7 @@ __all__ = [
     "null_embedding",
     "save_video",
     "save_frame_grid",
+    "fold",
 ]
 
 EDGE = 0.35  # default softness of the disc edge in pixels
