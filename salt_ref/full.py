@@ -24,19 +24,22 @@ import json
 import math
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from salt_ref.checkpoint import CheckpointMismatchError
 from salt_ref.cli import boolean, memory_policy
 from salt_ref.kv_cache import MemoryPolicy
+from salt_ref.loop import DCPCheckpointer, LoopConfig, NonFiniteLossError, train
 from salt_ref.models.wan import WanConfig, WanModel, load_checkpoint
 from salt_ref.recipe import PRESETS, Recipe
 from salt_ref.video_task import VIDEO_METHODS, EmbeddingPrompts, VideoDistillTask, VideoTaskConfig
 
-__all__ = ["add_arguments", "recipe_from_args", "plan", "main"]
+__all__ = ["add_arguments", "recipe_from_args", "plan", "FullRun", "start", "main"]
 
 RECIPE_ITERS = 600  # Self-Forcing: 600 iterations (< 2 h on 64 H100s)
 
@@ -79,7 +82,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("running")
     g.add_argument("--dry-run", action="store_true", help="build on the meta device, print the plan, exit 0")
     g.add_argument("--gpus", type=int, default=None, help="GPU count for the --dry-run plan (default: world size)")
-    g.add_argument("--no-activation-checkpointing", action="store_true")
+    g.add_argument(
+        "--activation-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="recompute block activations in the backward (every device, the CPU included)",
+    )
+    g.add_argument(
+        "--mixed-precision",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="bf16 compute (autocast; FSDP2 bf16 parameter gather, fp32 gradient reduce) with fp32 master "
+        "weights, and the frozen teacher stored in bf16 (every device, the CPU included)",
+    )
 
 
 def _latent(spec: str) -> tuple[int, int, int, int]:
@@ -176,10 +191,20 @@ def _shard(model: WanModel, mixed: bool) -> None:
 
 
 def _build(
-    cfg: WanConfig, path: str | None, device: torch.device, distributed: bool, mixed: bool, checkpointing: bool
+    cfg: WanConfig,
+    path: str | None,
+    device: torch.device,
+    distributed: bool,
+    mixed: bool,
+    checkpointing: bool,
+    frozen: bool = False,
 ) -> WanModel:
     with torch.device("meta"):
         model = WanModel(cfg)
+    if frozen:
+        model.requires_grad_(False)
+        if mixed:  # nothing trains it, so it needs no fp32 master copy: bf16 halves its shard
+            model.to(torch.bfloat16)
     if distributed:
         _shard(model, mixed)
     model.to_empty(device=device)
@@ -205,13 +230,89 @@ def _ema_factory(cfg: WanConfig, student: nn.Module, device: torch.device, distr
     return make
 
 
-def main(args: argparse.Namespace) -> int:
-    from salt_ref.loop import DCPCheckpointer, LoopConfig, NonFiniteLossError, train
+@dataclass
+class FullRun:
+    """A built full-scale run: the loop's task and settings, the resume fingerprint, and where this rank sits."""
 
+    task: VideoDistillTask
+    loop: LoopConfig
+    fingerprint: dict
+    distributed: bool
+    rank: int
+
+
+def start(args: argparse.Namespace) -> FullRun:
+    """Join the process group (under ``torchrun``), build and shard the three models, and the task.
+
+    Raises ``ValueError`` / ``FileNotFoundError`` with a one-line message on bad input.
+    """
+    cuda = torch.cuda.is_available()
+    distributed = "WORLD_SIZE" in os.environ  # under torchrun, a world of 1 included: the same FSDP2 code path
+    if distributed and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if args.total_batch % (world * args.batch_per_gpu):
+        raise ValueError(
+            f"--total-batch {args.total_batch} is not a multiple of {world} ranks x {args.batch_per_gpu} per GPU"
+        )
+    accum = args.total_batch // (world * args.batch_per_gpu)
+    task_cfg = VideoTaskConfig(
+        method=args.method,
+        latent=_latent(args.latent),
+        causal=args.causal,
+        memory=args.memory,
+        batch=args.batch_per_gpu,
+        recipe=recipe_from_args(args),
+    )
+    s_cfg, c_cfg, t_cfg = _configs(args)
+    ckpt_flag, mixed = args.activation_checkpointing, args.mixed_precision
+    student = _build(s_cfg, args.student, device, distributed, mixed, ckpt_flag)
+    critic = _build(c_cfg, args.critic, device, distributed, mixed, ckpt_flag)
+    # the teacher checkpoints too: Salt's alignment backpropagates through its first blocks into x0
+    teacher = _build(t_cfg, args.teacher, device, distributed, mixed, ckpt_flag, frozen=True)
+    prompts = EmbeddingPrompts(args.prompts, device=device)
+    if prompts.width != s_cfg.text_dim:
+        raise ValueError(f"prompt states have width {prompts.width}, the model expects {s_cfg.text_dim}")
+    task = VideoDistillTask(
+        task_cfg,
+        student,
+        critic,
+        teacher,
+        prompts,
+        device=device,
+        autocast=torch.bfloat16 if mixed else None,
+        make_ema=_ema_factory(s_cfg, student, device, distributed, mixed),
+    )
+    loop_cfg = LoopConfig(
+        iters=args.iters,
+        critic_ratio=args.critic_ratio,
+        lr_gen=args.lr_gen,
+        lr_critic=args.lr_critic,
+        ema_start=args.ema_start,
+        accum_steps=accum,
+        ckpt_every=args.ckpt_every,
+        log_every=1,
+        seed=args.seed,
+    )
+    fingerprint = {
+        "task": task_cfg.to_dict(),
+        "student": s_cfg.to_dict(),
+        "teacher": t_cfg.to_dict(),
+        "mixed_precision": args.mixed_precision,
+    }
+    return FullRun(task, loop_cfg, fingerprint, distributed, rank)
+
+
+def main(args: argparse.Namespace) -> int:
     if args.dry_run:
         world = args.gpus or int(os.environ.get("WORLD_SIZE", 1))
         print(plan(args, world))
         return 0
+    # CUDA decides the device and the collective backend only; every feature switch (checkpointing, autocast,
+    # the FSDP2 precision policy) is a flag with the same default on every device, so the CPU test runs this path
     cuda = torch.cuda.is_available()
     if not cuda and args.model != "tiny":
         print(
@@ -225,71 +326,14 @@ def main(args: argparse.Namespace) -> int:
     if missing:
         print(f"error: --scale full needs {', '.join('--' + m for m in missing)}", file=sys.stderr)
         return 2
-    distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
-    if distributed and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if args.total_batch % (world * args.batch_per_gpu):
-        print(
-            f"error: --total-batch {args.total_batch} is not a multiple of {world} ranks x "
-            f"{args.batch_per_gpu} per GPU",
-            file=sys.stderr,
-        )
-        return 2
-    accum = args.total_batch // (world * args.batch_per_gpu)
     try:
-        latent = _latent(args.latent)
-        task_cfg = VideoTaskConfig(
-            method=args.method,
-            latent=latent,
-            causal=args.causal,
-            memory=args.memory,
-            batch=args.batch_per_gpu,
-            recipe=recipe_from_args(args),
-        )
-        s_cfg, c_cfg, t_cfg = _configs(args)
-        ckpt_flag = cuda and not args.no_activation_checkpointing
-        student = _build(s_cfg, args.student, device, distributed, cuda, ckpt_flag)
-        critic = _build(c_cfg, args.critic, device, distributed, cuda, ckpt_flag)
-        # the teacher checkpoints too: Salt's alignment backpropagates through its first blocks into x0
-        teacher = _build(t_cfg, args.teacher, device, distributed, cuda, ckpt_flag).requires_grad_(False)
-        prompts = EmbeddingPrompts(args.prompts, device=device)
-        if prompts.context.shape[-1] != s_cfg.text_dim:
-            raise ValueError(
-                f"prompt states have width {prompts.context.shape[-1]}, the model expects {s_cfg.text_dim}"
-            )
-        task = VideoDistillTask(
-            task_cfg,
-            student,
-            critic,
-            teacher,
-            prompts,
-            device=device,
-            autocast=torch.bfloat16 if cuda else None,
-            make_ema=_ema_factory(s_cfg, student, device, distributed, cuda),
-        )
-        loop_cfg = LoopConfig(
-            iters=args.iters,
-            critic_ratio=args.critic_ratio,
-            lr_gen=args.lr_gen,
-            lr_critic=args.lr_critic,
-            ema_start=args.ema_start,
-            accum_steps=accum,
-            ckpt_every=args.ckpt_every,
-            log_every=1,
-            seed=args.seed,
-        )
+        run = start(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
+        if dist.is_initialized():
+            dist.destroy_process_group()
         return 2
-    fingerprint = {
-        "task": task_cfg.to_dict(),
-        "student": s_cfg.to_dict(),
-        "teacher": t_cfg.to_dict(),
-    }
+    task, loop_cfg, fingerprint, distributed, rank = run.task, run.loop, run.fingerprint, run.distributed, run.rank
     out = Path(args.out)
     try:
         result = train(
@@ -304,7 +348,7 @@ def main(args: argparse.Namespace) -> int:
     except NonFiniteLossError as e:
         print(f"error: training diverged: {e}", file=sys.stderr)
         return 1
-    except (FileNotFoundError, ValueError) as e:
+    except (CheckpointMismatchError, FileNotFoundError) as e:  # resume refusals and a held run lock, not bugs
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -161,9 +161,11 @@ class KVCache:
             )
         if length % self.tpf:
             raise ValueError(f"chunk of {length} tokens is not a whole number of {self.tpf}-token frames")
+        return self._check_frames(length // self.tpf, start_frame)
+
+    def _check_frames(self, n_new: int, start_frame: int) -> int:
         if start_frame != self.next_frame:
             raise ValueError(f"chunk starts at frame {start_frame}, but the cache expects frame {self.next_frame}")
-        n_new = length // self.tpf
         if self.policy.bounded and n_new > self.policy.window:
             raise ValueError(f"a chunk of {n_new} frames does not fit a window of {self.policy.window} frames")
         if not self.policy.bounded and self.n_held + n_new > self.capacity:
@@ -178,26 +180,49 @@ class KVCache:
         keep = set(self.policy.kept_frames(self.next_frame, chunk_end))
         return [i for i in range(self.n_held) if int(self.frames[i]) in keep]
 
+    def read(self, n_new: int, start_frame: int) -> tuple[Tensor, Tensor, Tensor]:
+        """What a chunk of ``n_new`` frames at ``start_frame`` attends to in the cache, taken now.
+
+        Returns keys, values ``[B, L_kept, H, D]`` (stored dtype, un-roped) and the absolute index of each kept
+        frame ``[N_kept]``. Where the kept frames fill one run of slots (every policy without a sink) the tensors
+        are views of the cache, no copy; a sink plus a window is gathered. Taking the read before the chunk's
+        blocks run makes it a plain input: an activation-checkpointed block recomputed in backward sees the
+        same keys, not the cache as later chunks left it.
+        """
+        n_new = self._check_frames(n_new, start_frame)
+        slots = self.kept_slots(start_frame + n_new)
+        t = self.tpf
+        if slots and slots == list(range(slots[0], slots[-1] + 1)):
+            a, b = slots[0] * t, (slots[-1] + 1) * t
+            k, v = self.k[:, a:b], self.v[:, a:b]
+        elif slots:
+            idx = (torch.tensor(slots)[:, None] * t + torch.arange(t)).reshape(-1).to(self.k.device)
+            k, v = self.k.index_select(1, idx), self.v.index_select(1, idx)
+        else:
+            k, v = self.k[:, :0], self.v[:, :0]
+        return k, v, self.frames[slots]
+
     def view(self, k_new: Tensor, v_new: Tensor, start_frame: int) -> tuple[Tensor, Tensor, Tensor]:
         """Keys, values ``[B, L', H, D]`` and absolute frame index per key token ``[L']`` for a new chunk."""
         n_new = self._check(k_new, v_new, start_frame)
-        slots = self.kept_slots(start_frame + n_new)
-        frames = torch.cat([self.frames[slots], torch.arange(start_frame, start_frame + n_new)])
-        if slots:
-            idx = (torch.tensor(slots)[:, None] * self.tpf + torch.arange(self.tpf)).reshape(-1).to(self.k.device)
-            k = torch.cat([self.k.index_select(1, idx).to(k_new.dtype), k_new], dim=1)
-            v = torch.cat([self.v.index_select(1, idx).to(v_new.dtype), v_new], dim=1)
-        else:
-            k, v = k_new, v_new
+        k_past, v_past, past = self.read(n_new, start_frame)
+        frames = torch.cat([past, torch.arange(start_frame, start_frame + n_new)])
+        k = torch.cat([k_past.to(k_new.dtype), k_new], dim=1)
+        v = torch.cat([v_past.to(v_new.dtype), v_new], dim=1)
         return k, v, frames.repeat_interleave(self.tpf)
 
     def positions(self, key_frames: Tensor, n_new: int) -> tuple[Tensor, Tensor]:
         """RoPE frame positions ``(keys [L'], queries [n_new * tpf])`` for the tokens :meth:`view` returned."""
+        keys, queries = self.frame_positions(key_frames[:: self.tpf], n_new)
+        return keys.repeat_interleave(self.tpf), queries.repeat_interleave(self.tpf)
+
+    def frame_positions(self, frames: Tensor, n_new: int) -> tuple[Tensor, Tensor]:
+        """RoPE positions per frame ``(keys [N], queries [n_new])`` of the kept frames then the chunk's ``frames``."""
         if self.rope == "absolute":
-            return key_frames, key_frames[-n_new * self.tpf :]
+            return frames, frames[-n_new:]
         # rank of each key's frame among the kept frames: 0..N-1 in order, the chunk takes the last ranks
-        _, rank = torch.unique(key_frames, sorted=True, return_inverse=True)
-        return rank, rank[-n_new * self.tpf :]
+        _, rank = torch.unique(frames, sorted=True, return_inverse=True)
+        return rank, rank[-n_new:]
 
     @torch.no_grad()
     def commit(self, k_new: Tensor, v_new: Tensor, start_frame: int) -> None:

@@ -176,15 +176,36 @@ def _as_float(x: Tensor) -> float:
     return float((full() if full is not None else x).item())
 
 
-def _reduce_logs(logs: dict[str, float]) -> dict[str, float]:
-    """Mean of every numeric log over ranks (all ranks log the same keys: their choices are shared)."""
+def _device(module: nn.Module) -> torch.device:
+    """Where ``module`` computes: collectives go there (NCCL refuses CPU tensors)."""
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _reduce_logs(logs: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Mean of every numeric log over ranks (all ranks log the same keys: their choices are shared).
+
+    The reduction runs on ``device``, the model's: NCCL refuses CPU tensors (gloo takes both, so a CPU run
+    alone would not notice a CPU tensor here). float64 where the device has it: the logs are small.
+    """
     _, world = rank_and_world()
     if world == 1 or not logs:
         return logs
     keys = sorted(logs)
-    vals = torch.tensor([float(logs[k]) for k in keys], dtype=torch.float64)
+    vals = torch.tensor([float(logs[k]) for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(vals)
-    return {k: v / world for k, v in zip(keys, vals.tolist(), strict=True)}
+    return {k: v / world for k, v in zip(keys, vals.cpu().tolist(), strict=True)}
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """``flag`` OR-ed over ranks, so a NaN on one rank stops every rank at the same point (instead of the other
+    ranks waiting in the next collective until the timeout)."""
+    _, world = rank_and_world()
+    if world == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
 
 
 def _optimise(
@@ -198,14 +219,17 @@ def _optimise(
 ) -> dict[str, float]:
     """One optimizer step on the mean over ``accum_steps`` micro-batches; returns the averaged logs."""
     cfg = state.cfg
+    device = _device(module)
     opt.zero_grad(set_to_none=True)
     shared_start = state.shared.get_state()
     logs_sum: dict[str, float] = {}
     for local in state.local:
         state.shared.set_state(shared_start)  # every micro-batch of the iteration makes the same choices
         loss, logs = losses(Rng(state.shared, local))
-        if not torch.isfinite(loss.detach()):
-            raise NonFiniteLossError(f"{what} loss is {loss.item()} at iteration {it}; {last_good}")
+        bad = not bool(torch.isfinite(loss.detach()))
+        if _any_rank(bad, device):  # before backward: FSDP's gradient reduce would wait for the broken rank
+            where = f"is {loss.item()}" if bad else "is not finite on another rank"
+            raise NonFiniteLossError(f"{what} loss {where} at iteration {it}; {last_good}")
         (loss / cfg.accum_steps).backward()
         for k, v in logs.items():
             logs_sum[k] = logs_sum.get(k, 0.0) + float(v) / cfg.accum_steps
@@ -366,7 +390,7 @@ def _train_locked(
                     for _ in range(cfg.critic_ratio)
                 ]
                 logs["loss_critic"] = sum(c["loss_critic"] for c in critic_logs) / len(critic_logs)
-            logs = _reduce_logs(logs)
+            logs = _reduce_logs(logs, _device(task.generator))
             state.done = it + 1
             if metrics_file is not None and (state.done % cfg.log_every == 0 or state.done == cfg.iters):
                 row = {"iter": state.done, **logs, "time_s": round(time.perf_counter() - t0, 3)}

@@ -78,38 +78,52 @@ class PromptSource(Protocol):
 
 
 class EmbeddingPrompts:
-    """Precomputed text states from a safetensors file: ``context [N, L, D]`` and ``negative [L, D]``.
+    """Precomputed text states from a safetensors file: ``context [N, L, D]`` and ``negative [L, D]`` (or
+    ``[1, L, D]``), as ``python -m salt_ref.encode_prompts`` writes them (umT5-XXL states; ``docs/full_scale.md``).
 
-    The text encoder is not part of the method: encode the prompts once with Wan's umT5-XXL encoder (outside this
-    library) and save its last hidden states; ``docs/full_scale.md`` gives the file format.
+    The file is opened memory-mapped and only the rows a batch draws are read (``safe_open`` slices), so every
+    rank of a large job reads its own prompts, not the whole file. Both are zero-padded to one length, as the
+    Wan model pads text states, so CFG can batch them.
     """
 
     def __init__(self, path: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-        from safetensors.torch import load_file
+        from safetensors import safe_open
 
-        data = load_file(path)
-        missing = {"context", "negative"} - set(data)
-        if missing:
-            raise ValueError(f"prompt file {path} lacks tensors {sorted(missing)} (has {sorted(data)})")
-        self.context, self.negative = data["context"], data["negative"]
-        if self.context.ndim != 3:
-            raise ValueError(f"'context' must be [N, L, D], got {tuple(self.context.shape)}")
-        if self.negative.ndim == 3:
-            self.negative = self.negative[0]
-        if self.negative.ndim != 2 or self.negative.shape[-1] != self.context.shape[-1]:
-            raise ValueError(f"'negative' must be [L, D={self.context.shape[-1]}], got {tuple(self.negative.shape)}")
-        # one length for both, zero-padded as the Wan model pads text states (so CFG can batch them)
-        length = max(self.context.shape[1], self.negative.shape[0])
-        self.context = torch.nn.functional.pad(self.context, (0, 0, 0, length - self.context.shape[1]))
-        self.negative = torch.nn.functional.pad(self.negative, (0, 0, 0, length - self.negative.shape[0]))
-        self.device, self.dtype = device, dtype
+        self.path, self.device, self.dtype = str(path), device, dtype
+        with safe_open(self.path, framework="pt") as f:
+            names = set(f.keys())
+            missing = {"context", "negative"} - names
+            if missing:
+                raise ValueError(f"prompt file {path} lacks tensors {sorted(missing)} (has {sorted(names)})")
+            shape = tuple(f.get_slice("context").get_shape())
+            negative = f.get_tensor("negative")
+        if len(shape) != 3 or shape[0] < 1:
+            raise ValueError(f"prompt file {path}: 'context' must be [N >= 1, L, D], got {shape}")
+        if negative.ndim == 3:
+            negative = negative[0]
+        if negative.ndim != 2 or negative.shape[-1] != shape[-1]:
+            raise ValueError(f"prompt file {path}: 'negative' must be [L, D={shape[-1]}], got {tuple(negative.shape)}")
+        self.n, self.width = shape[0], shape[2]
+        self.length = max(shape[1], negative.shape[0])
+        self.negative = self._pad(negative)
+
+    def _pad(self, x: Tensor) -> Tensor:
+        return torch.nn.functional.pad(x, (0, 0, 0, self.length - x.shape[-2]))
 
     def __len__(self) -> int:
-        return self.context.shape[0]
+        return self.n
+
+    def rows(self, idx: Tensor) -> Tensor:
+        """``context[idx]`` ``[len(idx), L, D]``, read from the file row by row."""
+        from safetensors import safe_open
+
+        with safe_open(self.path, framework="pt") as f:
+            sl = f.get_slice("context")
+            return self._pad(torch.cat([sl[int(i) : int(i) + 1] for i in idx]))
 
     def sample(self, batch: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         idx = torch.randint(len(self), (batch,), generator=generator)
-        ctx = self.context[idx].to(self.device, self.dtype)
+        ctx = self.rows(idx).to(self.device, self.dtype)
         neg = self.negative[None].expand(batch, -1, -1).to(self.device, self.dtype)
         return ctx, neg
 
@@ -141,7 +155,8 @@ class VideoDistillTask:
         if make_ema is not None:
             self.make_ema = make_ema
 
-    def _amp(self):
+    def amp(self):
+        """The autocast region of every forward (bf16 when mixed precision is on; nothing otherwise)."""
         if self.autocast is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast)
@@ -177,9 +192,9 @@ class VideoDistillTask:
         )
 
     def generator_loss(self, it: int, rng: Rng, ema: nn.Module) -> tuple[Tensor, dict[str, float]]:
-        with self._amp():
+        with self.amp():
             return self.objective(rng).generator_loss(rng.local, None, it, shared=rng.shared)
 
     def critic_loss(self, it: int, rng: Rng) -> tuple[Tensor, dict[str, float]]:
-        with self._amp():
+        with self.amp():
             return self.objective(rng).critic_loss(rng.local, shared=rng.shared)

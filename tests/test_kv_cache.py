@@ -323,10 +323,10 @@ def test_window_relative_rope_generates_past_rope_max_len():
     model = _tiny(rope_max_len=8)
     bounds = [(s, s + 2) for s in range(0, 12, 2)]
     noise, ctx = _inputs(model, 12, seed=3)
-    video = _generate_cached(model, noise, ctx, bounds, "window:4", rope="relative")
+    video = _generate_cached(model, noise, ctx, bounds, MemoryPolicy.parse("window:4"), rope="relative")
     assert video.shape == noise.shape and torch.isfinite(video).all()
     with pytest.raises(ValueError, match="RoPE table"):
-        _generate_cached(model, noise, ctx, bounds, "window:4", rope="absolute")
+        _generate_cached(model, noise, ctx, bounds, MemoryPolicy.parse("window:4"), rope="absolute")
     with pytest.raises(ValueError, match="RoPE table"):
         model(noise, torch.zeros(1), ctx)  # nor can a cache-free causal forward hold 12 frames
 
@@ -521,9 +521,9 @@ def test_wan_input_validation_names_expected_shapes():
         model(x, t, ctx, commit=True)
     bidirectional = _tiny(causal=False)
     with pytest.raises(ValueError, match=r"causal model \(WanConfig\(causal=True\)\)"):
-        bidirectional(x, t, ctx, kv_cache=model.new_cache("full", batch=2, frames_hw=HW, max_frames=2))
+        bidirectional(x, t, ctx, kv_cache=model.new_cache(MemoryPolicy(), batch=2, frames_hw=HW, max_frames=2))
     with pytest.raises(ValueError, match="kv_cache has 1 layers, the model 2"):
-        model(x, t, ctx, kv_cache=model.new_cache("full", batch=2, frames_hw=HW, max_frames=2)[:1])
+        model(x, t, ctx, kv_cache=model.new_cache(MemoryPolicy(), batch=2, frames_hw=HW, max_frames=2)[:1])
 
 
 # Literal masks for three 2-frame chunks (query frame rows, key frame columns): written out by hand from the

@@ -26,6 +26,7 @@ masked attention (:func:`salt_ref.kv_cache.attention_mask`), with a list of per-
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
 
@@ -51,6 +52,9 @@ __all__ = [
     "from_diffusers_keys",
     "CheckpointKeyError",
 ]
+
+
+_ROPE_TABLES_KEPT = 64  # RoPE tables a model keeps per process: a few per chunk position and grid
 
 
 @dataclass(frozen=True)
@@ -198,19 +202,21 @@ class Attention(nn.Module):
         k = self._split(self.norm_k(self.k(context)))
         return self.attend(q, k, self._split(self.v(context)), None)
 
-    def forward_self(self, x: Tensor, rope: dict, cache: KVCache | None, mask: Tensor | None) -> Tensor:
+    def forward_self(
+        self, x: Tensor, rope: dict, past: tuple[Tensor, Tensor] | None, mask: Tensor | None, commit_to: KVCache | None
+    ) -> Tensor:
+        """Self-attention; ``past`` is the cache's kept keys/values ``[B, L_kept, H, hd]`` (un-roped) read before
+        the block ran, ``rope["q"]`` / ``rope["k"]`` the angles of the query and key tokens."""
         q = self._split(self.norm_q(self.q(x)))
         k = self._split(self.norm_k(self.k(x)))
         v = self._split(self.v(x))
-        if cache is None:
+        if past is None:
             return self.attend(apply_rope(q, rope["q"]), apply_rope(k, rope["q"]), v, mask)
-        k_all, v_all, frames = cache.view(k, v, rope["start"])
-        key_pos, query_pos = cache.positions(frames, k.shape[1] // rope["tpf"])
-        ang_k = rope["angles"](key_pos[:: rope["tpf"]])
-        ang_q = rope["angles"](query_pos[:: rope["tpf"]])
-        out = self.attend(apply_rope(q, ang_q), apply_rope(k_all, ang_k), v_all, None)
-        if rope["commit"]:
-            cache.commit(k, v, rope["start"])  # stored un-roped and detached, after this chunk has read it
+        k_all = torch.cat([past[0].to(k.dtype), k], dim=1)
+        v_all = torch.cat([past[1].to(v.dtype), v], dim=1)
+        out = self.attend(apply_rope(q, rope["q"]), apply_rope(k_all, rope["k"]), v_all, None)
+        if commit_to is not None:
+            commit_to.commit(k, v, rope["start"])  # stored un-roped and detached, after this chunk has read it
         return out
 
 
@@ -227,15 +233,23 @@ class WanBlock(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 6, d) / d**0.5)
 
     def forward(
-        self, x: Tensor, e0: Tensor, context: Tensor, rope: dict, cache: KVCache | None, mask: Tensor | None
+        self,
+        x: Tensor,
+        e0: Tensor,
+        context: Tensor,
+        rope: dict,
+        past: tuple[Tensor, Tensor] | None,
+        mask: Tensor | None,
+        commit_to: KVCache | None = None,
     ) -> Tensor:
-        """``x [B, F, S, d]`` grouped by frame; ``e0 [B, F_t, 6, d]`` with ``F_t`` in {1, F}."""
+        """``x [B, F, S, d]`` grouped by frame; ``e0 [B, F_t, 6, d]`` with ``F_t`` in {1, F}; ``past`` the kept
+        keys/values of the KV cache (read before the block: its inputs are fixed for a checkpoint recompute)."""
         mod = (self.modulation.float()[:, None] + e0.float()).unbind(2)  # 6 x [B, F_t, d]
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (m[:, :, None] for m in mod)
         b, f, s, d = x.shape
         flat = lambda y: y.reshape(b, f * s, d)  # noqa: E731
         y = self.self_attn.forward_self(
-            flat(self.norm1(x).float() * (1 + scale_sa) + shift_sa).to(x.dtype), rope, cache, mask
+            flat(self.norm1(x).float() * (1 + scale_sa) + shift_sa).to(x.dtype), rope, past, mask, commit_to
         )
         x = x + y.reshape(b, f, s, d) * gate_sa
         x = x + self.cross_attn.forward_cross(flat(self.norm3(x)), context).reshape(b, f, s, d)
@@ -252,7 +266,20 @@ class Head(nn.Module):
 
     def forward(self, x: Tensor, e: Tensor) -> Tensor:
         shift, scale = (self.modulation.float()[:, None] + e.float()[:, :, None]).unbind(2)
-        return self.head((self.norm(x).float() * (1 + scale[:, :, None]) + shift[:, :, None]).to(x.dtype))
+        # in fp32 (or wider) even under bf16 autocast, as official Wan runs its head
+        return linear_fp32(self.head, self.norm(x).float() * (1 + scale[:, :, None]) + shift[:, :, None])
+
+
+def linear_fp32(layer: nn.Linear, x: Tensor) -> Tensor:
+    """``layer(x)`` computed in float32 (or the weight's dtype if wider), outside any autocast region.
+
+    Wan keeps the time embedding and the head in fp32 under bf16 autocast; with bf16 parameters (FSDP mixed
+    precision) the weights are upcast here, so the same code runs under every precision policy and on the CPU.
+    """
+    dtype = torch.promote_types(layer.weight.dtype, torch.float32)
+    with torch.autocast(x.device.type, enabled=False):
+        bias = None if layer.bias is None else layer.bias.to(dtype)
+        return F.linear(x.to(dtype), layer.weight.to(dtype), bias)
 
 
 def sinusoid(t: Tensor, dim: int) -> Tensor:
@@ -282,10 +309,24 @@ class WanModel(nn.Module):
         # Not a buffer: it must stay float64 through .to(dtype) and out of the state dict (as upstream).
         self.freqs = rope_frequencies(cfg.head_dim, cfg.rope_max_len)
         self.gradient_checkpointing = False
+        self._rope_tables: OrderedDict[tuple, Tensor] = OrderedDict()  # (device, positions, h, w) -> angles
 
     # -- helpers ------------------------------------------------------------------------------------
     def _angles(self, f_pos: Tensor, h: int, w: int, device: torch.device) -> Tensor:
-        return rope_angles(self.freqs, self.config.head_dim, f_pos.cpu(), h, w).to(device)
+        """Token angles ``[F h w, hd/2]`` for frame positions ``f_pos``, built on ``device`` once per distinct
+        (positions, grid) and kept (a chunk-wise video asks for the same few tables at every layer and step)."""
+        key = (str(device), tuple(f_pos.tolist()), h, w)
+        table = self._rope_tables.get(key)
+        if table is None:
+            freqs = self._rope_tables.get((str(device), "freqs"))
+            if freqs is None:
+                freqs = self._rope_tables[(str(device), "freqs")] = self.freqs.to(device)
+            table = self._rope_tables[key] = rope_angles(freqs, self.config.head_dim, f_pos.to(device), h, w)
+            while len(self._rope_tables) > _ROPE_TABLES_KEPT:
+                self._rope_tables.popitem(last=False)
+        else:
+            self._rope_tables.move_to_end(key)
+        return table
 
     def _check_inputs(self, x: Tensor, t: Tensor, context: Tensor) -> None:
         cfg = self.config
@@ -307,7 +348,7 @@ class WanModel(nn.Module):
 
     def new_cache(
         self,
-        policy: MemoryPolicy | str,
+        policy: MemoryPolicy,
         *,
         batch: int,
         frames_hw: tuple[int, int],
@@ -317,8 +358,8 @@ class WanModel(nn.Module):
         device: torch.device | str | None = None,
     ) -> list[KVCache]:
         """One :class:`KVCache` per block for videos of latent size ``H x W`` (``frames_hw``)."""
-        if isinstance(policy, str):
-            policy = MemoryPolicy.parse(policy)
+        if not isinstance(policy, MemoryPolicy):  # strings are parsed once, where they are read (the CLI)
+            raise TypeError(f"policy must be a MemoryPolicy: use MemoryPolicy.parse({policy!r})")
         cfg = self.config
         tpf = (frames_hw[0] // cfg.patch_size[1]) * (frames_hw[1] // cfg.patch_size[2])
         p = next(self.parameters())
@@ -377,20 +418,35 @@ class WanModel(nn.Module):
         z = self.patch_embedding(x).flatten(2).transpose(1, 2).reshape(b, fp, hp * wp, cfg.dim)
 
         t_frames = t[:, None] if t.ndim == 1 else t[:, ::pt]
-        e = self.time_embedding(sinusoid(t_frames, cfg.freq_dim).to(self.time_embedding[0].weight.dtype))
-        e0 = self.time_projection(e).unflatten(-1, (6, cfg.dim))  # [B, F_t, 6, d]
+        # time embedding and its projection in fp32 even under bf16 autocast (as official Wan)
+        lin1, lin2, proj = self.time_embedding[0], self.time_embedding[2], self.time_projection[1]
+        e = linear_fp32(lin2, F.silu(linear_fp32(lin1, sinusoid(t_frames, cfg.freq_dim))))
+        e0 = linear_fp32(proj, F.silu(e)).unflatten(-1, (6, cfg.dim))  # [B, F_t, 6, d]
         if context.shape[1] < cfg.text_len:
             context = F.pad(context, (0, 0, 0, cfg.text_len - context.shape[1]))
         c = self.text_embedding(context.to(self.text_embedding[0].weight.dtype))
 
         angles = lambda f_pos: self._angles(f_pos, hp, wp, x.device)  # noqa: E731
         mask = None
-        rope: dict = {"tpf": hp * wp, "start": start_frame, "angles": angles, "commit": commit}
+        rope: dict = {"start": start_frame}
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        pasts: list[tuple[Tensor, Tensor] | None] = [None] * len(self.blocks)
         if kv_cache is not None:
             if not cfg.causal:
                 raise ValueError("a KV cache needs a causal model (WanConfig(causal=True))")
             if len(kv_cache) != len(self.blocks):
                 raise ValueError(f"kv_cache has {len(kv_cache)} layers, the model {len(self.blocks)}")
+            if commit and checkpointing:
+                raise ValueError("commit=True is a no-grad context pass: run it under torch.no_grad()")
+            # every layer's cache is read now, before any block runs: the reads are the blocks' inputs, so a
+            # checkpointed block recomputed in backward sees these keys, not the cache as later chunks left it
+            reads = [c.read(fp, start_frame) for c in kv_cache]
+            frames = torch.cat([reads[0][2], torch.arange(start_frame, start_frame + fp)])
+            key_pos, query_pos = kv_cache[0].frame_positions(frames, fp)
+            rope.update(q=angles(query_pos), k=angles(key_pos))  # one table per forward, shared by every layer
+            # a bounded cache shifts its slots in place on later commits: a checkpoint must keep its own copy
+            keep = checkpointing and kv_cache[0].policy.bounded
+            pasts = [(k.clone(), v.clone()) if keep else (k, v) for k, v, _ in reads]
         else:
             if commit:
                 raise ValueError("commit=True needs a kv_cache")
@@ -402,16 +458,16 @@ class WanModel(nn.Module):
         feats: dict[int, Tensor] = {}
         wanted = set(features)
         for i, block in enumerate(self.blocks):
-            cache = kv_cache[i] if kv_cache is not None else None
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                z = checkpoint(block, z, e0, c, rope, cache, mask, use_reentrant=False)
+            commit_to = kv_cache[i] if commit else None
+            if checkpointing:
+                z = checkpoint(block, z, e0, c, rope, pasts[i], mask, use_reentrant=False)
             else:
-                z = block(z, e0, c, rope, cache, mask)
+                z = block(z, e0, c, rope, pasts[i], mask, commit_to)
             if i in wanted:
                 feats[i] = z.reshape(b, fp * hp * wp, cfg.dim)
                 if features_only and len(feats) == len(wanted):
                     return feats
-        out = self.head(z, e).float()  # [B, F', S, prod(patch) * C]
+        out = self.head(z, e).float()  # [B, F', S, prod(patch) * C], fp32
         out = out.reshape(b, fp, hp, wp, pt, ph, pw, cfg.out_dim)
         out = torch.einsum("bfhwpqrc->bcfphqwr", out).reshape(b, cfg.out_dim, n_f, h, w)
         return (out, feats) if wanted else out
