@@ -9,12 +9,20 @@ Checkpoints are sharded (``torch.distributed.checkpoint``) and resumable; rank 0
 Memory per GPU for ``P`` trainable parameters sharded N ways (the plan ``--dry-run`` prints)::
 
     weights fp32 4P/N  +  grads fp32 4P/N  +  AdamW (m, v) fp32 8P/N  +  EMA fp32 4P/N  (student only)
-    frozen teacher bf16 2P_T/N;  one unsharded bf16 block in flight (x2 with prefetch)
-    activations ~ per block the checkpointed input [B, L_chunk, d] bf16, plus the KV cache
-    2 * layers * frames * 1560 * d bf16 per model that keeps one
+    frozen teacher bf16 2P_T/N (stored in bf16: nothing trains it);  one unsharded bf16 block in flight (x2)
+    activations ~ per block the checkpointed input [B, L_chunk, d] in fp32 (the fp32 gates make the residual
+    stream fp32), plus the KV cache 2 * layers * frames * 1560 * d bf16 per model that keeps one
+    teacher CFG forward ~ [2B, L, d] fp32 residual + max(bf16 FFN intermediate, float64 RoPE temporaries)
 
-Without CUDA only the ``tiny`` preset runs (the CPU proof of this code path, gloo backend); larger presets exit
-with a one-line message, and ``--dry-run`` builds all three models on the meta device and prints the plan.
+Units: ``--iters`` counts generator updates; each is followed by ``--critic-ratio`` (5) critic updates. The
+released Self-Forcing and Salt code count *critic* updates ("steps": the generator trains every 5th), so their
+600-step budget is 120 of our iterations and Salt's alignment start ``mmd_start_step: 1000`` is 200; the
+defaults here are those numbers divided by 5, and ``--ema-start`` likewise (their 200 -> 40).
+
+Every feature switch (activation checkpointing, bf16 autocast, FSDP2's mixed-precision policy) is a flag with
+the same default on every device. Without CUDA only the ``tiny`` preset runs (the CPU proof of this code path,
+gloo backend); larger presets exit with a one-line message, and ``--dry-run`` builds all three models on the meta
+device and prints the plan.
 """
 
 from __future__ import annotations
@@ -41,7 +49,12 @@ from salt_ref.video_task import VIDEO_METHODS, EmbeddingPrompts, VideoDistillTas
 
 __all__ = ["add_arguments", "recipe_from_args", "plan", "FullRun", "start", "main"]
 
-RECIPE_ITERS = 600  # Self-Forcing: 600 iterations (< 2 h on 64 H100s)
+# Generator iterations (each then 5 critic updates). Self-Forcing's published budget is 600 steps of its loop,
+# which counts critic updates: 120 of ours. Salt's alignment starts at its step 1000 (200 of ours), so Salt trains
+# longer than that, by an amount its release does not state; our default gives the alignment as many iterations
+# after its start as before it (2 x 200), a choice of this project, not a published number.
+RECIPE_ITERS = {"self-forcing": 120, "sc-dmd": 120, "salt": 400}
+EMA_START = 40  # Self-Forcing / Salt: EMA from step 200 = generator iteration 40
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -64,16 +77,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--chunk-frames", type=int, default=WanConfig().chunk_frames, help="latent frames per chunk")
     wan = PRESETS["wan"]
     g.add_argument("--cfg-scale", type=float, default=wan.cfg_scale, help="teacher CFG (cond + s (cond - uncond))")
-    g.add_argument("--align-start", type=int, default=wan.align_start, help="generator iteration the alignment starts")
+    g.add_argument(
+        "--align-start",
+        type=int,
+        default=wan.align_start,
+        help="generator iteration the alignment starts (Salt's mmd_start_step 1000 counts critic updates: 200 here)",
+    )
     g.add_argument("--align-block", type=int, default=wan.align_block, help="teacher block whose features are aligned")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--iters", type=int, default=RECIPE_ITERS)
+    g.add_argument(
+        "--iters",
+        type=int,
+        default=None,
+        help="generator iterations, each followed by --critic-ratio critic updates (the released code's 'steps' "
+        f"count critic updates: divide them by 5); default per method {RECIPE_ITERS}",
+    )
     g.add_argument("--total-batch", type=int, default=64)
     g.add_argument("--batch-per-gpu", type=int, default=1)
     g.add_argument("--lr-gen", type=float, default=2e-6)
     g.add_argument("--lr-critic", type=float, default=4e-7)
     g.add_argument("--critic-ratio", type=int, default=5)
-    g.add_argument("--ema-start", type=int, default=200)
+    g.add_argument(
+        "--ema-start", type=int, default=EMA_START, help="generator iteration the EMA starts (released: step 200)"
+    )
     g.add_argument("--ckpt-every", type=int, default=50)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out", default="runs/full")
@@ -150,13 +176,18 @@ def plan(args: argparse.Namespace, world: int) -> str:
     block_bf16 = max(2 * (8 * d**2 + 2 * d * cfg.ffn_dim) for d, cfg in ((d_s, s_cfg), (d_t, t_cfg)))
     kv = 2 * s_cfg.num_layers * f * tokens_per_frame * d_s * 2 * args.batch_per_gpu
     n_chunks = -(-f // args.chunk_frames)
-    # every chunk's exit step carries gradient into the one DMD loss on the whole clip
-    act_student = n_chunks * s_cfg.num_layers * chunk_tokens * d_s * 2 * args.batch_per_gpu
+    b = args.batch_per_gpu
+    # every chunk's exit step carries gradient into the one DMD loss on the whole clip; the residual stream is
+    # fp32 (the fp32 gates promote it), so each checkpointed block input is [B, L_chunk, d] in 4 bytes
+    act_student = n_chunks * s_cfg.num_layers * chunk_tokens * d_s * 4 * b
     clip_tokens = f * tokens_per_frame
-    # no-grad CFG pass: one block's hidden state and FFN intermediate at a time, for cond + neg
-    teacher_transient = 2 * args.batch_per_gpu * clip_tokens * (d_t + t_cfg.ffn_dim) * 2
-    # Salt's alignment backpropagates through teacher blocks 0..align_block into x0: checkpointed block inputs
-    align_acts = (args.align_block + 1) * args.batch_per_gpu * clip_tokens * d_t * 2 if args.method == "salt" else 0
+    # no-grad CFG pass at batch 2B (cond + negative), one block at a time: the fp32 residual stream, plus the larger
+    # of the bf16 FFN intermediate and RoPE's float64 temporaries (q or k in float64 and its rotated copy: 2 x 8 bytes
+    # per element of [2B, L, d], with the float32 input alongside)
+    rope_temps = 2 * b * clip_tokens * d_t * (8 + 8 + 4)
+    teacher_transient = 2 * b * clip_tokens * d_t * 4 + max(2 * b * clip_tokens * t_cfg.ffn_dim * 2, rope_temps)
+    # Salt's alignment backpropagates through teacher blocks 0..align_block into x0: checkpointed fp32 block inputs
+    align_acts = (args.align_block + 1) * b * clip_tokens * d_t * 4 if args.method == "salt" else 0
     total = sum(per_gpu.values()) + 2 * block_bf16 + kv * (2 if args.method == "salt" else 1)
     lines = [
         f"plan: {args.method} on Wan ({'causal' if args.causal else 'bidirectional'} student), {world} GPU(s)",
@@ -171,9 +202,11 @@ def plan(args: argparse.Namespace, world: int) -> str:
         f"unsharded block in flight (bf16, x2 with prefetch): {_gib(2 * block_bf16)}",
         f"KV cache per rollout (bf16, {s_cfg.num_layers} layers x {f} frames): {_gib(kv)}"
         + (" (x2: Salt's reference path keeps its own)" if args.method == "salt" else ""),
-        f"student backward, {n_chunks} chunks with checkpointing (block inputs, bf16): {_gib(act_student)}",
-        f"teacher CFG forward on the whole clip (no grad, one block at a time): ~{_gib(teacher_transient)}",
-        f"alignment backward through teacher blocks 0..{args.align_block} (checkpointed inputs): {_gib(align_acts)}",
+        f"student backward, {n_chunks} chunks with checkpointing (fp32 block inputs): {_gib(act_student)}",
+        f"teacher CFG forward on the whole clip (no grad, one block at a time; fp32 residual, max of bf16 FFN and "
+        f"float64 RoPE temporaries {_gib(rope_temps)}): ~{_gib(teacher_transient)}",
+        f"alignment backward through teacher blocks 0..{args.align_block} (checkpointed fp32 inputs): "
+        f"{_gib(align_acts)}",
         f"estimated peak per GPU (sharded states + blocks in flight + caches + the larger transient): "
         f"{_gib(total + max(teacher_transient, align_acts + act_student))}",
     ]
@@ -259,6 +292,12 @@ def start(args: argparse.Namespace) -> FullRun:
             f"--total-batch {args.total_batch} is not a multiple of {world} ranks x {args.batch_per_gpu} per GPU"
         )
     accum = args.total_batch // (world * args.batch_per_gpu)
+    iters = RECIPE_ITERS[args.method] if args.iters is None else args.iters
+    if args.method == "salt" and args.align_start >= iters:
+        raise ValueError(
+            f"--align-start {args.align_start} >= --iters {iters}: Salt's alignment would never run; train longer "
+            "or start it earlier (both count generator iterations)"
+        )
     task_cfg = VideoTaskConfig(
         method=args.method,
         latent=_latent(args.latent),
@@ -287,7 +326,7 @@ def start(args: argparse.Namespace) -> FullRun:
         make_ema=_ema_factory(s_cfg, student, device, distributed, mixed),
     )
     loop_cfg = LoopConfig(
-        iters=args.iters,
+        iters=iters,
         critic_ratio=args.critic_ratio,
         lr_gen=args.lr_gen,
         lr_critic=args.lr_critic,

@@ -63,7 +63,7 @@ class Recipe:
     align_weight: float = ALIGN_WEIGHT
     align_margin: float = TRD_MARGIN
     align_block: int = 20
-    align_start: int = 1000
+    align_start: int = 200  # generator iterations: the release's mmd_start_step 1000 counts critic updates (x5)
     align_steps: int = 2
     align_exit: int = 1
     align_reference_steps: int = 4
