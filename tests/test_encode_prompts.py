@@ -18,7 +18,8 @@ import pytest
 import torch
 import transformers
 from safetensors import safe_open
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from tiny_wan import UMT5_TINY as TINY
+from tiny_wan import WORDS, write_umt5
 
 from salt_ref.encode_prompts import (
     TEXT_LEN,
@@ -33,60 +34,13 @@ from salt_ref.encode_prompts import (
 )
 from salt_ref.video_task import EmbeddingPrompts
 
-WORDS = "a red fox runs over the hill & blue cat sleeps on warm stone under an old tree".split()
-TINY = {"vocab_size": 40, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_heads": 4}
-
-
-def _to_official(hf_key: str) -> str | None:
-    """transformers UMT5EncoderModel key -> the key in Wan's T5 checkpoint (None: the tied copy, not stored)."""
-    top = {"shared.weight": "token_embedding.weight", "encoder.final_layer_norm.weight": "norm.weight"}
-    if hf_key in top:
-        return top[hf_key]
-    if hf_key == "encoder.embed_tokens.weight":
-        return None
-    _, _, i, rest = hf_key.split(".", 3)
-    block = {
-        "layer.0.layer_norm.weight": "norm1.weight",
-        "layer.0.SelfAttention.q.weight": "attn.q.weight",
-        "layer.0.SelfAttention.k.weight": "attn.k.weight",
-        "layer.0.SelfAttention.v.weight": "attn.v.weight",
-        "layer.0.SelfAttention.o.weight": "attn.o.weight",
-        "layer.0.SelfAttention.relative_attention_bias.weight": "pos_embedding.embedding.weight",
-        "layer.1.layer_norm.weight": "norm2.weight",
-        "layer.1.DenseReluDense.wi_0.weight": "ffn.gate.0.weight",  # Wan: fc1(x) * gelu(gate(x))
-        "layer.1.DenseReluDense.wi_1.weight": "ffn.fc1.weight",
-        "layer.1.DenseReluDense.wo.weight": "ffn.fc2.weight",
-    }
-    return f"blocks.{i}.{block[rest]}"
-
-
-def _tokenizer_dir(path: Path) -> None:
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
-    )
-    fast.save_pretrained(path)
-
 
 @pytest.fixture(scope="module")
 def wan(tmp_path_factory):
     """A Wan-like folder: tiny official-key T5 weights + its umt5 config.json + google/umt5-xxl tokenizer."""
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("wan")
-    torch.manual_seed(0)
-    config = transformers.UMT5Config(**TINY)
-    model = transformers.UMT5EncoderModel(config).eval()
-    with torch.no_grad():  # norms away from 1, so swapping norm1/norm2 or gate/fc1 would show in the outputs
-        for name, p in model.named_parameters():
-            if "layer_norm" in name:
-                p.copy_(1 + 0.3 * torch.randn_like(p))
-    official = {_to_official(k): v.clone() for k, v in model.state_dict().items() if _to_official(k)}
-    torch.save(official, root / "models_t5_umt5-xxl-enc-bf16.pth")
-    config.to_json_file(root / "config.json")
-    _tokenizer_dir(root / "google" / "umt5-xxl")
+    model = write_umt5(root)
     return root, model, transformers.AutoTokenizer.from_pretrained(root / "google" / "umt5-xxl")
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import AutoencoderKLWan
+from tiny_wan import VAE_TINY as TINY
+from tiny_wan import vae_official_state
 
 from salt_ref.video_io import (
     WAN21_VAE_CONFIG,
@@ -23,29 +25,11 @@ from salt_ref.video_io import (
     write_mp4,
 )
 
-# Wan 2.1's layout (4 stages, 2 residual blocks, temporal down-sampling in the last two) at a toy width, with
-# latent statistics far from (0, 1) so that a wrong or inverted de-normalisation shows.
-TINY = {
-    "base_dim": 4,
-    "z_dim": 4,
-    "dim_mult": [1, 2, 4, 4],
-    "num_res_blocks": 2,
-    "attn_scales": [],
-    "temperal_downsample": [False, True, True],
-    "latents_mean": [0.5, -0.7, 1.2, 0.1],
-    "latents_std": [2.0, 0.5, 1.5, 3.0],
-}
-
 
 @pytest.fixture(scope="module")
 def tiny_vae() -> AutoencoderKLWan:
     torch.manual_seed(0)
     return AutoencoderKLWan(**TINY).eval().requires_grad_(False)
-
-
-def _official_state(vae: AutoencoderKLWan, num_res_blocks: int = 2) -> dict[str, torch.Tensor]:
-    layout = {"num_stages": len(vae.config.dim_mult), "num_res_blocks": num_res_blocks}
-    return {diffusers_to_official_key(k, **layout): v.clone() for k, v in vae.state_dict().items()}
 
 
 def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
@@ -143,7 +127,7 @@ def test_diffusers_folder_with_missing_key_is_refused(tiny_vae, tmp_path):
 
 def test_load_official_pth_exact_weights(tiny_vae, tmp_path):
     pth = tmp_path / "Wan2.1_VAE.pth"
-    torch.save(_official_state(tiny_vae), pth)
+    torch.save(vae_official_state(tiny_vae), pth)
     vae = load_wan_vae(pth, config_overrides=TINY)
     _assert_same_weights(vae, tiny_vae)
     assert list(vae.config.latents_mean) == TINY["latents_mean"]
@@ -153,7 +137,7 @@ def test_load_official_pth_exact_weights(tiny_vae, tmp_path):
 
 
 def test_official_pth_key_errors_name_the_keys(tiny_vae, tmp_path):
-    state = _official_state(tiny_vae)
+    state = vae_official_state(tiny_vae)
     del state["decoder.upsamples.4.shortcut.weight"]
     state["decoder.upsamples.15.residual.0.gamma"] = torch.ones(4, 1, 1, 1)  # the last stage has no Resample
     state["decoder.head.2.bias"] = torch.zeros(5)  # 3 expected
