@@ -170,9 +170,7 @@ class KVCache:
             raise ValueError(f"a chunk of {n_new} frames does not fit a window of {self.policy.window} frames")
         if not self.policy.bounded and self.n_held + n_new > self.capacity:
             # checked for view too: a chunk that can be read but never committed would fail one pass later
-            raise ValueError(
-                f"full cache overflow: {self.n_held} + {n_new} frames exceed max_frames={self.capacity}"
-            )
+            raise ValueError(f"full cache overflow: {self.n_held} + {n_new} frames exceed max_frames={self.capacity}")
         return n_new
 
     def kept_slots(self, chunk_end: int) -> list[int]:

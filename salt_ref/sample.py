@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         args = p.parse_args(argv)
     except SystemExit as e:  # one error: line, code 2, returned like the other failures
         return int(e.code or 0)
-    from toy.setup_video import load_run
+    from toy.run_video import load_run
     from toy.video_world import save_video
 
     try:

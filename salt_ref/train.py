@@ -224,7 +224,8 @@ def _small_arguments(p: argparse.ArgumentParser) -> None:
 
 def _run_small(args: argparse.Namespace) -> int:
 
-    from toy.setup_video import SmallVideoConfig, distill_loop, run
+    from toy.run_video import run
+    from toy.setup_video import SmallVideoConfig, distill_loop
 
     try:
         cfg = SmallVideoConfig(

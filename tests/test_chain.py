@@ -71,3 +71,38 @@ def test_sample_full_bad_input_is_one_line_and_exit_2(wan_dir, tmp_path, capsys)
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 3 and all(line.startswith("error:") for line in err), err
     assert "4n + 1" in err[0] and "missing.safetensors" in err[1] and "memory" in err[2]
+
+
+def _run(module: str, *args: str, procs: int = 0) -> str:
+    launch = (
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs)] if procs else [sys.executable]
+    )
+    run = subprocess.run([*launch, "-m", module, *args], capture_output=True, text=True, env=ENV, timeout=600)
+    assert run.returncode == 0, f"{module} {args[:2]}: {run.stderr[-3000:]}"
+    return run.stdout
+
+
+def test_the_chain_from_a_text_file_to_an_mp4(wan_dir, tmp_path):
+    t = tmp_path
+    (t / "prompts.txt").write_text("a red fox runs over the hill\nblue cat sleeps on warm stone\nan old tree\n")
+    _run("salt_ref.encode_prompts", "--wan-dir", str(wan_dir), "--prompts", str(t / "prompts.txt"),
+         "--out", str(t / "prompts.safetensors"), "--device", "cpu", "--dtype", "fp32", "--quiet")  # fmt: skip
+    tiny = ["--model", "tiny", "--latent", "3x4x8x8"]
+    _run("salt_ref.ode_init", "pairs", "--teacher", str(wan_dir / "teacher.safetensors"), *tiny,
+         "--prompts", str(t / "prompts.safetensors"), "--out", str(t / "pairs"), "--grid-steps", "8",
+         "--record-steps", "4", "--device", "cpu", "--no-progress")  # fmt: skip
+    assert len(list((t / "pairs").glob("pair_*.safetensors"))) == 3
+    _run("salt_ref.ode_init", "train", "--student", str(wan_dir / "init.safetensors"), "--model", "tiny",
+         "--chunk-frames", "2", "--pairs", str(t / "pairs"), "--out", str(t / "ode"), "--iters", "2",
+         "--total-batch", "2", "--no-progress")  # fmt: skip
+    _run("salt_ref.convert", "export", str(t / "ode"), "--which", "generator", "--model", "tiny",
+         "--out", str(t / "ode_init.safetensors"))  # fmt: skip
+    _run("salt_ref.train", "--scale", "full", "--model", "tiny", "--teacher-model", "tiny",
+         "--student", str(t / "ode_init.safetensors"), "--critic", str(wan_dir / "critic.safetensors"),
+         "--teacher", str(wan_dir / "teacher.safetensors"), "--prompts", str(t / "prompts.safetensors"),
+         "--latent", "3x4x8x8", "--chunk-frames", "2", "--align-block", "2", "--align-start", "0",
+         "--memory", "window:2", "--total-batch", "2", "--critic-ratio", "1", "--iters", "2",
+         "--no-progress", "--out", str(t / "salt"), procs=2)  # fmt: skip
+    _run("salt_ref.convert", "export", str(t / "salt"), "--out", str(t / "student_ema.safetensors"))
+    report = _sample(wan_dir, t / "student_ema.safetensors", t / "video.mp4", "--memory", "window:2")
+    assert report["frames"] == FRAMES and iio.imread(t / "video.mp4").shape == (FRAMES, 64, 64, 3)

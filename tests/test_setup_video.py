@@ -10,7 +10,8 @@ from salt_ref.loop import LoopConfig, train
 from salt_ref.models.wan import WanModel
 from salt_ref.recipe import PRESETS
 from salt_ref.train import main
-from toy.setup_video import SmallVideoConfig, build_task, evaluate_student, model_config
+from toy.run_video import evaluate_student
+from toy.setup_video import SmallVideoConfig, build_task, model_config
 
 RECIPE = PRESETS["small"].replace(align_start=0, align_block=1)
 TINY = dict(frames=4, size=8, dim=32, layers=2, heads=2, recipe=RECIPE)
@@ -60,7 +61,7 @@ def test_small_scale_bad_memory_policy_is_one_line_exit_2(capsys, tmp_path):
 
 
 def test_cache_quality_gap_vanishes_when_both_caches_are_written_alike():
-    from toy.setup_video import cache_quality_gap
+    from toy.run_video import cache_quality_gap
 
     torch.manual_seed(0)
     cfg = SmallVideoConfig(**TINY)

@@ -4,10 +4,10 @@ and the speed of generation.
     python -m toy.bench_video [--methods self-forcing sc-dmd salt] [--seeds 0 1 2] [--iters 150]
                               [--out runs/bench_video] [--steps 4]
 
-Every (method, seed) trains one student through ``toy.setup_video.run`` (full KV cache during training; the
+Every (method, seed) trains one student through ``toy.run_video.run`` (full KV cache during training; the
 teacher and the ODE init are shared and cached). Each trained EMA student is then generated under the memory
 policies ``full``, ``window:4`` and ``sink:2+window:4`` (window-relative RoPE for the bounded ones) at 1x, 2x and
-4x the trained length, and its LQ/HQ cache gap is measured at 1x and 4x (``toy.setup_video.cache_quality_gap``).
+4x the trained length, and its LQ/HQ cache gap is measured at 1x and 4x (``toy.run_video.cache_quality_gap``).
 An ``ode-init`` row evaluates the student before distillation. A run directory that already holds a checkpoint is
 resumed, so a killed benchmark continues where it stopped and a finished one is only re-evaluated. Writes
 ``table.md``, ``results.json``, ``drift.png``, ``speed.md`` and ``speed.png`` into ``--out``.
@@ -35,7 +35,8 @@ def _one(args: tuple[str, int, int, str, dict, int]) -> dict[str, Any]:
 
     from salt_ref.kv_cache import MemoryPolicy
     from salt_ref.plots import read_metrics
-    from toy.setup_video import SmallVideoConfig, cache_quality_gap, distill_loop, evaluate_student, load_run, run
+    from toy.run_video import cache_quality_gap, evaluate_student, load_run, run
+    from toy.setup_video import SmallVideoConfig, distill_loop
 
     method, seed, iters, out, overrides, steps = args
     torch.set_num_threads(1)

@@ -43,16 +43,13 @@ velocity) within a class, averaged over classes.
 Shapes: videos ``[N, C, F, S, S]``, labels ``[N]``. Every function takes the world's ``config`` (defaults to
 ``VideoWorldConfig()``) for its palette, radius range and edge softness.
 
-Demo: ``python -m toy.video_metrics --out runs/video_world`` writes a GIF and a PNG frame grid of a few clips per
-class and prints the metrics of clean against noisy and frame-shuffled clips.
+A demo of world and metrics together is ``python -m toy.world_demo``.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -468,38 +465,3 @@ def evaluate_video(
         "diversity": _diversity(feats, labels),
         "frechet": frechet_distance(feats, _features(ref, reference_video.shape[-1])),
     }
-
-
-def main(argv: list[str] | None = None) -> int:
-    from toy import video_world as vw
-
-    p = argparse.ArgumentParser(prog="python -m toy.video_metrics", description="write sample clips and their metrics")
-    p.add_argument("--out", default="runs/video_world", help="output folder (clips.gif, frames.png)")
-    p.add_argument("--frames", type=int, default=32)
-    p.add_argument("--per-class", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    torch.set_num_threads(1)
-    cfg = VideoWorldConfig()
-    out = Path(args.out)
-    labels = torch.arange(cfg.n_classes).repeat(args.per_class)
-    g = torch.Generator().manual_seed(args.seed)
-    video, labels, _ = vw.sample(len(labels), g, config=cfg, frames=args.frames, label=labels)
-    gif, grid = vw.save_video(video, out / "clips.gif"), vw.save_frame_grid(video, out / "frames.png", labels=labels)
-    print(f"wrote {gif} and {grid}")
-
-    n = 64
-    g = torch.Generator().manual_seed(args.seed + 1)
-    clean, lab, _ = vw.sample(n, g, config=cfg, frames=args.frames)
-    ref, _, _ = vw.sample(n, g, config=cfg, frames=args.frames)
-    noisy = clean + 0.2 * torch.randn(clean.shape, generator=g)
-    shuffled = clean[:, :, torch.randperm(args.frames, generator=g)]
-    print(f"{n} clips x {args.frames} frames of {cfg.size}x{cfg.size}; reference: {n} other clips of the world")
-    for name, v in (("clean", clean), ("noise 0.2", noisy), ("shuffled", shuffled)):
-        res = evaluate_video(v, lab, ref, config=cfg)
-        print(f"{name:>10}: " + "  ".join(f"{k} {val:.4g}" for k, val in res.items()))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
