@@ -110,6 +110,12 @@ def chunked_rollout(
         ref_cache = flow.new_cache(b, n_f, (h, w), noise.device)
         k_ref = reference_exit_index(reference_sigmas, float(sigmas[k_exit]))
 
+    def clock() -> float:
+        # on CUDA the host runs ahead of the device: wait for the chunk's work, or its seconds are launch times
+        if noise.device.type == "cuda":
+            torch.cuda.synchronize(noise.device)
+        return time.perf_counter()
+
     def write(memory: Any, x0: Tensor, start: int) -> None:
         with torch.no_grad():
             ctx = add_noise(x0.detach(), randn_like(x0, generator), context_sigma)
@@ -119,7 +125,7 @@ def chunked_rollout(
     refs: list[Tensor] = []
     seconds: list[float] = []
     for s, e in bounds:
-        t0 = time.perf_counter()
+        t0 = clock()
         flow_c = flow.flow(cache, s)
         replay = None
         if writer is not None and generator is not None:
@@ -154,7 +160,7 @@ def chunked_rollout(
                 )
             refs.append(ref.x0)
             write(ref_cache, ref.x0, s)
-        seconds.append(time.perf_counter() - t0)
+        seconds.append(clock() - t0)
     steps = range(k_exit + 1)
     return ChunkedRollout(
         states=[torch.cat([ro.states[i] for ro in per_chunk], dim=2) for i in steps],

@@ -47,7 +47,19 @@ from salt_ref.models.wan import WanConfig, WanModel, load_checkpoint
 from salt_ref.recipe import PRESETS, Recipe
 from salt_ref.video_task import VIDEO_METHODS, EmbeddingPrompts, VideoDistillTask, VideoTaskConfig
 
-__all__ = ["add_arguments", "recipe_from_args", "plan", "FullRun", "start", "main"]
+__all__ = [
+    "add_arguments",
+    "recipe_from_args",
+    "parse_latent",
+    "plan",
+    "shard",
+    "build_model",
+    "ema_factory",
+    "join_process_group",
+    "FullRun",
+    "start",
+    "main",
+]
 
 # Generator iterations (each then 5 critic updates). Self-Forcing's published budget is 600 steps of its loop,
 # which counts critic updates: 120 of ours. Salt's alignment starts at its step 1000 (200 of ours), so Salt trains
@@ -123,7 +135,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _latent(spec: str) -> tuple[int, int, int, int]:
+def parse_latent(spec: str) -> tuple[int, int, int, int]:
+    """``"16x21x60x104"`` as ``(C, F, H, W)``."""
     try:
         c, f, h, w = (int(v) for v in spec.lower().split("x"))
     except ValueError:
@@ -155,7 +168,7 @@ def plan(args: argparse.Namespace, world: int) -> str:
             name: sum(p.numel() for p in WanModel(cfg).parameters())
             for name, cfg in (("student", s_cfg), ("critic", c_cfg), ("teacher", t_cfg))
         }
-    c, f, h, w = _latent(args.latent)
+    c, f, h, w = parse_latent(args.latent)
     tokens_per_frame = (h // 2) * (w // 2)
     chunk_tokens = args.chunk_frames * tokens_per_frame
     accum = max(1, args.total_batch // (world * args.batch_per_gpu))
@@ -213,7 +226,8 @@ def plan(args: argparse.Namespace, world: int) -> str:
     return "\n".join(lines)
 
 
-def _shard(model: WanModel, mixed: bool) -> None:
+def shard(model: WanModel, mixed: bool) -> None:
+    """FSDP2 ``fully_shard`` per block then the root; bf16 gather and fp32 gradient reduce when ``mixed``."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed else None
@@ -223,7 +237,7 @@ def _shard(model: WanModel, mixed: bool) -> None:
     fully_shard(model, **kw)
 
 
-def _build(
+def build_model(
     cfg: WanConfig,
     path: str | None,
     device: torch.device,
@@ -232,6 +246,8 @@ def _build(
     checkpointing: bool,
     frozen: bool = False,
 ) -> WanModel:
+    """A Wan model of ``cfg`` built on the meta device, sharded (``distributed``), materialised on ``device`` and
+    loaded from ``path``; a ``frozen`` model (the teacher) is stored in bf16 when ``mixed``."""
     with torch.device("meta"):
         model = WanModel(cfg)
     if frozen:
@@ -239,7 +255,7 @@ def _build(
         if mixed:  # nothing trains it, so it needs no fp32 master copy: bf16 halves its shard
             model.to(torch.bfloat16)
     if distributed:
-        _shard(model, mixed)
+        shard(model, mixed)
     model.to_empty(device=device)
     if path is None:
         raise ValueError("every model needs a checkpoint (--student, --critic, --teacher)")
@@ -248,12 +264,14 @@ def _build(
     return model
 
 
-def _ema_factory(cfg: WanConfig, student: nn.Module, device: torch.device, distributed: bool, mixed: bool):
+def ema_factory(cfg: WanConfig, student: nn.Module, device: torch.device, distributed: bool, mixed: bool):
+    """``make() -> EMA``: a copy of ``student`` sharded like it (the loop's ``Task.make_ema``)."""
+
     def make() -> nn.Module:
         with torch.device("meta"):
             ema = WanModel(cfg)
         if distributed:
-            _shard(ema, mixed)
+            shard(ema, mixed)
         ema.to_empty(device=device)
         with torch.no_grad():
             for e, p in zip(ema.parameters(), student.parameters(), strict=True):
@@ -261,6 +279,20 @@ def _ema_factory(cfg: WanConfig, student: nn.Module, device: torch.device, distr
         return ema
 
     return make
+
+
+def join_process_group() -> tuple[bool, int, int, torch.device]:
+    """``(distributed, rank, world, device)``: under ``torchrun`` (a world of 1 included: the same FSDP2 code path)
+    join the process group, NCCL with CUDA and gloo without; the device is this rank's GPU, or the CPU."""
+    cuda = torch.cuda.is_available()
+    distributed = "WORLD_SIZE" in os.environ
+    if distributed and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return distributed, rank, world, device
 
 
 @dataclass
@@ -279,14 +311,7 @@ def start(args: argparse.Namespace) -> FullRun:
 
     Raises ``ValueError`` / ``FileNotFoundError`` with a one-line message on bad input.
     """
-    cuda = torch.cuda.is_available()
-    distributed = "WORLD_SIZE" in os.environ  # under torchrun, a world of 1 included: the same FSDP2 code path
-    if distributed and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
+    distributed, rank, world, device = join_process_group()
     if args.total_batch % (world * args.batch_per_gpu):
         raise ValueError(
             f"--total-batch {args.total_batch} is not a multiple of {world} ranks x {args.batch_per_gpu} per GPU"
@@ -300,7 +325,7 @@ def start(args: argparse.Namespace) -> FullRun:
         )
     task_cfg = VideoTaskConfig(
         method=args.method,
-        latent=_latent(args.latent),
+        latent=parse_latent(args.latent),
         causal=args.causal,
         memory=args.memory,
         batch=args.batch_per_gpu,
@@ -308,10 +333,10 @@ def start(args: argparse.Namespace) -> FullRun:
     )
     s_cfg, c_cfg, t_cfg = _configs(args)
     ckpt_flag, mixed = args.activation_checkpointing, args.mixed_precision
-    student = _build(s_cfg, args.student, device, distributed, mixed, ckpt_flag)
-    critic = _build(c_cfg, args.critic, device, distributed, mixed, ckpt_flag)
+    student = build_model(s_cfg, args.student, device, distributed, mixed, ckpt_flag)
+    critic = build_model(c_cfg, args.critic, device, distributed, mixed, ckpt_flag)
     # the teacher checkpoints too: Salt's alignment backpropagates through its first blocks into x0
-    teacher = _build(t_cfg, args.teacher, device, distributed, mixed, ckpt_flag, frozen=True)
+    teacher = build_model(t_cfg, args.teacher, device, distributed, mixed, ckpt_flag, frozen=True)
     prompts = EmbeddingPrompts(args.prompts, device=device)
     if prompts.width != s_cfg.text_dim:
         raise ValueError(f"prompt states have width {prompts.width}, the model expects {s_cfg.text_dim}")
@@ -323,7 +348,7 @@ def start(args: argparse.Namespace) -> FullRun:
         prompts,
         device=device,
         autocast=torch.bfloat16 if mixed else None,
-        make_ema=_ema_factory(s_cfg, student, device, distributed, mixed),
+        make_ema=ema_factory(s_cfg, student, device, distributed, mixed),
     )
     loop_cfg = LoopConfig(
         iters=iters,
