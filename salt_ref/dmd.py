@@ -149,7 +149,8 @@ def dmd_generator_loss(
         real_flow: the teacher's flow (CFG already folded in), ``(x, sigma [B]) -> v``.
         fake_flow: the critic's flow.
         shift: warp of the re-noising level distribution.
-        sigma_min, sigma_max: its clipping range.
+        sigma_min: the lower end of its clipping range.
+        sigma_max: the upper end.
         sigma: fix the re-noising level ``[B]`` (drawn if ``None``).
         noise: fix the noise ``[B, ...]`` (drawn if ``None``).
     """
