@@ -200,18 +200,11 @@ def _nccl_version() -> str | None:
 
 
 def _write_tiny_checkpoints(root: Path) -> None:
-    """Random tiny student/critic/teacher checkpoints and a prompt file (as ``tests/test_full.py``'s fixture)."""
-    from safetensors.torch import save_file
+    """Random tiny student/critic/teacher checkpoints and a prompt file (the stand-ins of ``tests/tiny_wan.py``)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from tiny_wan import write_run_inputs
 
-    for i, name in enumerate(["student", "critic", "teacher"]):
-        torch.manual_seed(i)
-        model = WanModel(WanConfig.preset("tiny"))
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, root / f"{name}.safetensors")
-    g = torch.Generator().manual_seed(0)
-    save_file(
-        {"context": torch.randn(4, 8, 32, generator=g), "negative": torch.randn(6, 32, generator=g)},
-        root / "prompts.safetensors",
-    )
+    write_run_inputs(root)
 
 
 def train_command(root: Path, out: Path) -> list[str]:

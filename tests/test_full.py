@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from tiny_wan import write_run_inputs
 
 from salt_ref.models.wan import WanConfig, WanModel
 from salt_ref.train import main
@@ -36,17 +36,7 @@ TOL = 1e-5
 
 @pytest.fixture(scope="module")
 def fixtures(tmp_path_factory):
-    root = tmp_path_factory.mktemp("full")
-    for i, name in enumerate(["student", "critic", "teacher"]):
-        torch.manual_seed(i)
-        model = WanModel(WanConfig.preset("tiny"))
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, root / f"{name}.safetensors")
-    g = torch.Generator().manual_seed(0)
-    save_file(
-        {"context": torch.randn(4, 8, 32, generator=g), "negative": torch.randn(6, 32, generator=g)},
-        root / "prompts.safetensors",
-    )
-    return root
+    return write_run_inputs(tmp_path_factory.mktemp("full"))
 
 
 def _args(root, out, iters: int, *extra: str) -> list[str]:
@@ -190,3 +180,47 @@ def test_activation_checkpointing_gives_the_same_gradients():
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_the_frozen_teacher_is_stored_in_bf16_the_trained_networks_in_fp32(fixtures):
+    from salt_ref.full import build_model
+
+    def build(frozen: bool, mixed: bool):
+        path = str(fixtures / "teacher.safetensors")
+        return build_model(WanConfig.preset("tiny"), path, torch.device("cpu"), False, mixed, True, frozen=frozen)
+
+    assert {p.dtype for p in build(True, True).parameters()} == {torch.bfloat16}
+    assert not any(p.requires_grad for p in build(True, True).parameters())
+    assert {p.dtype for p in build(False, True).parameters()} == {torch.float32}  # fp32 master weights
+    assert {p.dtype for p in build(True, False).parameters()} == {torch.float32}
+
+
+def test_time_embedding_and_head_run_in_fp32_under_bf16_autocast():
+    from salt_ref.models.wan import linear_fp32
+
+    layer = torch.nn.Linear(4, 3).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert linear_fp32(layer, torch.randn(2, 4)).dtype == torch.float32
+        assert layer(torch.randn(2, 4)).dtype == torch.bfloat16  # what autocast alone would do
+    torch.manual_seed(0)
+    model = WanModel(WanConfig.preset("tiny", num_layers=1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(1, 3, 2, 8, 8), torch.tensor([500.0]), torch.randn(1, 8, 32))
+    assert out.dtype == torch.float32
+
+
+def test_rope_tables_are_built_once_per_position_set_and_reused(monkeypatch):
+    import salt_ref.models.wan as wan
+    from salt_ref.generate import generate
+    from salt_ref.recipe import PRESETS
+
+    built = []
+    real = wan.rope_angles
+    monkeypatch.setattr(wan, "rope_angles", lambda *a, **kw: built.append(1) or real(*a, **kw))
+    torch.manual_seed(0)
+    model = WanModel(WanConfig.preset("tiny", causal=True, num_layers=2, chunk_frames=2))
+    generate(model, torch.randn(1, 8, 32), frames=6, size=(8, 8), recipe=PRESETS["wan"])
+    first = len(built)
+    generate(model, torch.randn(1, 8, 32), frames=6, size=(8, 8), recipe=PRESETS["wan"])
+    # 3 chunks: each needs its query and key tables once (not once per layer and step); a second video reuses them
+    assert 0 < first <= 6 and len(built) == first

@@ -4,6 +4,9 @@ fingerprint (one rule at every scale, refusals that name the fields), config che
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -201,3 +204,61 @@ def test_fingerprint_must_not_bring_its_own_loop_rule(tmp_path, key):
     with pytest.raises(ValueError, match=f"must not contain \\['{key}'\\]"):
         train(_OneParam(), _tiny_loop(), tmp_path / "out", fingerprint={"setup": {}, key: {}}, progress=False)
     assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
+_NAN_ON_ONE_RANK = """
+import json, sys
+import torch, torch.distributed as dist
+from salt_ref.loop import LoopConfig, NonFiniteLossError, train
+
+rank, out, store = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=2)
+
+
+class Task:
+    critic = None
+
+    def __init__(self):
+        self.generator = torch.nn.Linear(2, 1)
+
+    def generator_loss(self, it, rng, ema):
+        loss = self.generator(torch.ones(1, 2)).pow(2).mean()
+        if rank == 1 and it == 1:  # only this rank breaks, at the second iteration
+            loss = loss * float("nan")
+        return loss, {"loss": loss.item()}
+
+
+try:
+    train(Task(), LoopConfig(iters=3, critic_ratio=0, ckpt_every=10), out + f"/r{rank}", progress=False)
+    result = "finished"
+except NonFiniteLossError as e:
+    result = str(e)
+print(json.dumps({"rank": rank, "result": result}))
+dist.destroy_process_group()
+"""
+
+
+def test_a_nan_on_one_rank_stops_every_rank_at_the_same_iteration(tmp_path):
+    script = tmp_path / "ranks.py"
+    script.write_text(_NAN_ON_ONE_RANK)
+    root = Path(__file__).resolve().parents[1]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(r), str(tmp_path), str(tmp_path / "store")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=root,
+        )  # fmt: skip
+        for r in range(2)
+    ]
+    try:  # a rank left waiting in a collective would time out here instead of raising
+        results = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, results, strict=True):
+        assert p.returncode == 0, err[-2000:]
+    r0, r1 = (json.loads(o.strip().splitlines()[-1])["result"] for o, _ in results)
+    assert r1.startswith("gen loss is nan at iteration 1")
+    assert r0.startswith("gen loss is not finite on another rank at iteration 1")

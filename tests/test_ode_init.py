@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_wan import write_run_inputs
 
 from salt_ref.checkpoint import load_state, read_header
 from salt_ref.loop import Rng
@@ -27,17 +28,7 @@ SEED = 7
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("ode_init")
-    for i, name in enumerate(["teacher", "student"]):
-        torch.manual_seed(i)
-        model = WanModel(WanConfig.preset("tiny"))
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, root / f"{name}.safetensors")
-    g = torch.Generator().manual_seed(0)
-    save_file(
-        {"context": torch.randn(4, 8, 32, generator=g), "negative": torch.randn(6, 32, generator=g)},
-        root / "prompts.safetensors",
-    )
-    return root
+    return write_run_inputs(tmp_path_factory.mktemp("ode_init"), ("teacher", "student"))
 
 
 def _pairs_args(root: Path, out: Path, *extra: str) -> list[str]:

@@ -5,7 +5,8 @@ Nothing is downloaded: a test builds a ``Wan2.1-T2V-1.3B``-like folder with
 - ``models_t5_umt5-xxl-enc-bf16.pth``: a tiny ``UMT5EncoderModel`` saved under Wan's official T5 key names, with
   its ``config.json`` (``model_type: umt5``) beside it, and a word-level tokenizer in ``google/umt5-xxl/``;
 - ``Wan2.1_VAE.pth``: a tiny ``AutoencoderKLWan`` under the official VAE key names, and ``vae_config.json``;
-- tiny Wan DiT checkpoints (official keys, safetensors) for the student, critic and teacher roles.
+- tiny Wan DiT checkpoints (official keys, safetensors) for the student, critic and teacher roles, and a prompt
+  file of random text states (the inputs of a tiny full-scale run, also used by ``scripts/gpu_smoke.py``).
 """
 
 from __future__ import annotations
@@ -120,3 +121,20 @@ def write_dit(path: Path, seed: int, **overrides) -> None:
     torch.manual_seed(seed)
     model = WanModel(WanConfig.preset("tiny", **overrides))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+
+
+def write_prompt_states(path: Path) -> None:
+    """A prompt file as ``salt_ref.encode_prompts`` writes it, random: ``context [4, 8, 32]``, ``negative [6, 32]``."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    save_file({"context": torch.randn(4, 8, 32, generator=g), "negative": torch.randn(6, 32, generator=g)}, path)
+
+
+def write_run_inputs(root: Path, names: tuple[str, ...] = ("student", "critic", "teacher")) -> Path:
+    """Tiny random DiT checkpoints ``root/<name>.safetensors`` (seed ``i`` for ``names[i]``) and
+    ``root/prompts.safetensors``: the inputs of a tiny full-scale run."""
+    for i, name in enumerate(names):
+        write_dit(root / f"{name}.safetensors", seed=i)
+    write_prompt_states(root / "prompts.safetensors")
+    return root
