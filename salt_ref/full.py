@@ -6,18 +6,14 @@ in bf16 with fp32 master weights and fp32 gradient reduction, recomputes block a
 (activation checkpointing), and accumulates ``total_batch / (N * batch_per_gpu)`` micro-batches per update.
 Checkpoints are sharded (``torch.distributed.checkpoint``) and resumable; rank 0 logs JSONL and shows tqdm.
 
-Memory per GPU for ``P`` trainable parameters sharded N ways (the plan ``--dry-run`` prints)::
-
-    weights fp32 4P/N  +  grads fp32 4P/N  +  AdamW (m, v) fp32 8P/N  +  EMA fp32 4P/N  (student only)
-    frozen teacher bf16 2P_T/N (stored in bf16: nothing trains it);  one unsharded bf16 block in flight (x2)
-    activations ~ per block the checkpointed input [B, L_chunk, d] in fp32 (the fp32 gates make the residual
-    stream fp32), plus the KV cache 2 * layers * frames * 1560 * d bf16 per model that keeps one
-    teacher CFG forward ~ [2B, L, d] fp32 residual + max(bf16 FFN intermediate, float64 RoPE temporaries)
+The memory per GPU that ``--dry-run`` prints is :func:`salt_ref.memory_plan.plan` (its formula is there).
 
 Units: ``--iters`` counts generator updates; each is followed by ``--critic-ratio`` (5) critic updates. The
 released Self-Forcing and Salt code count *critic* updates ("steps": the generator trains every 5th), so their
-600-step budget is 120 of our iterations and Salt's alignment start ``mmd_start_step: 1000`` is 200; the
-defaults here are those numbers divided by 5, and ``--ema-start`` likewise (their 200 -> 40).
+600-step budget is 120 of our iterations (the default of ``self-forcing`` and ``sc-dmd``), Salt's alignment start
+``mmd_start_step: 1000`` is ``--align-start 200`` and the EMA's start step 200 is ``--ema-start 40``. Salt's own
+budget is not in its release; the ``salt`` default of 400 (as many iterations after the alignment starts as
+before) is this project's choice (``RECIPE_ITERS``).
 
 Every feature switch (activation checkpointing, bf16 autocast, FSDP2's mixed-precision policy) is a flag with
 the same default on every device. Without CUDA only the ``tiny`` preset runs (the CPU proof of this code path,
@@ -43,6 +39,7 @@ from salt_ref.checkpoint import CheckpointMismatchError
 from salt_ref.cli import boolean, memory_policy
 from salt_ref.kv_cache import MemoryPolicy
 from salt_ref.loop import DCPCheckpointer, LoopConfig, NonFiniteLossError, train
+from salt_ref.memory_plan import model_configs, parse_latent, plan
 from salt_ref.models.wan import WanConfig, WanModel, load_checkpoint
 from salt_ref.recipe import PRESETS, Recipe
 from salt_ref.video_task import VIDEO_METHODS, EmbeddingPrompts, VideoDistillTask, VideoTaskConfig
@@ -50,8 +47,6 @@ from salt_ref.video_task import VIDEO_METHODS, EmbeddingPrompts, VideoDistillTas
 __all__ = [
     "add_arguments",
     "recipe_from_args",
-    "parse_latent",
-    "plan",
     "shard",
     "build_model",
     "ema_factory",
@@ -135,95 +130,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def parse_latent(spec: str) -> tuple[int, int, int, int]:
-    """``"16x21x60x104"`` as ``(C, F, H, W)``."""
-    try:
-        c, f, h, w = (int(v) for v in spec.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"--latent must be CxFxHxW, got {spec!r}") from None
-    return c, f, h, w
-
-
 def recipe_from_args(args: argparse.Namespace) -> Recipe:
     """The run's recipe: the released Wan preset with the recipe flags applied (the method's terms come later)."""
     return PRESETS["wan"].replace(cfg_scale=args.cfg_scale, align_start=args.align_start, align_block=args.align_block)
-
-
-def _configs(args: argparse.Namespace) -> tuple[WanConfig, WanConfig, WanConfig]:
-    student = WanConfig.preset(args.model, causal=args.causal, chunk_frames=args.chunk_frames)
-    critic = WanConfig.preset(args.model)
-    teacher = WanConfig.preset(args.teacher_model)
-    return student, critic, teacher
-
-
-def _gib(n_bytes: float) -> str:
-    return f"{n_bytes / 2**30:,.2f} GiB"
-
-
-def plan(args: argparse.Namespace, world: int) -> str:
-    """The memory plan of a run, from a meta-device build (no weights are read)."""
-    s_cfg, c_cfg, t_cfg = _configs(args)
-    with torch.device("meta"):
-        counts = {
-            name: sum(p.numel() for p in WanModel(cfg).parameters())
-            for name, cfg in (("student", s_cfg), ("critic", c_cfg), ("teacher", t_cfg))
-        }
-    c, f, h, w = parse_latent(args.latent)
-    tokens_per_frame = (h // 2) * (w // 2)
-    chunk_tokens = args.chunk_frames * tokens_per_frame
-    accum = max(1, args.total_batch // (world * args.batch_per_gpu))
-    rows = []
-    per_gpu = {}
-    for name, n in counts.items():
-        trainable = name != "teacher"
-        weights = (4 if trainable else 2) * n / world
-        grads = 4 * n / world if trainable else 0
-        optim = 8 * n / world if trainable else 0
-        ema = 4 * n / world if name == "student" else 0
-        per_gpu[name] = weights + grads + optim + ema
-        rows.append(
-            f"| {name} | {n:,} | {_gib(weights)} | {_gib(grads)} | {_gib(optim)} | {_gib(ema)} | "
-            f"{_gib(per_gpu[name])} |"
-        )
-    d_s, d_t = s_cfg.dim, t_cfg.dim
-    block_bf16 = max(2 * (8 * d**2 + 2 * d * cfg.ffn_dim) for d, cfg in ((d_s, s_cfg), (d_t, t_cfg)))
-    kv = 2 * s_cfg.num_layers * f * tokens_per_frame * d_s * 2 * args.batch_per_gpu
-    n_chunks = -(-f // args.chunk_frames)
-    b = args.batch_per_gpu
-    # every chunk's exit step carries gradient into the one DMD loss on the whole clip; the residual stream is
-    # fp32 (the fp32 gates promote it), so each checkpointed block input is [B, L_chunk, d] in 4 bytes
-    act_student = n_chunks * s_cfg.num_layers * chunk_tokens * d_s * 4 * b
-    clip_tokens = f * tokens_per_frame
-    # no-grad CFG pass at batch 2B (cond + negative), one block at a time: the fp32 residual stream, plus the larger
-    # of the bf16 FFN intermediate and RoPE's float64 temporaries (q or k in float64 and its rotated copy: 2 x 8 bytes
-    # per element of [2B, L, d], with the float32 input alongside)
-    rope_temps = 2 * b * clip_tokens * d_t * (8 + 8 + 4)
-    teacher_transient = 2 * b * clip_tokens * d_t * 4 + max(2 * b * clip_tokens * t_cfg.ffn_dim * 2, rope_temps)
-    # Salt's alignment backpropagates through teacher blocks 0..align_block into x0: checkpointed fp32 block inputs
-    align_acts = (args.align_block + 1) * b * clip_tokens * d_t * 4 if args.method == "salt" else 0
-    total = sum(per_gpu.values()) + 2 * block_bf16 + kv * (2 if args.method == "salt" else 1)
-    lines = [
-        f"plan: {args.method} on Wan ({'causal' if args.causal else 'bidirectional'} student), {world} GPU(s)",
-        f"latent {c}x{f}x{h}x{w}: {tokens_per_frame} tokens/frame, chunks of {args.chunk_frames} frames "
-        f"({chunk_tokens} tokens); total batch {args.total_batch} = {world} GPUs x {args.batch_per_gpu} x "
-        f"{accum} accumulation steps",
-        "",
-        "| model | parameters | weights/GPU | grads/GPU | AdamW/GPU | EMA/GPU | total/GPU |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-        *rows,
-        "",
-        f"unsharded block in flight (bf16, x2 with prefetch): {_gib(2 * block_bf16)}",
-        f"KV cache per rollout (bf16, {s_cfg.num_layers} layers x {f} frames): {_gib(kv)}"
-        + (" (x2: Salt's reference path keeps its own)" if args.method == "salt" else ""),
-        f"student backward, {n_chunks} chunks with checkpointing (fp32 block inputs): {_gib(act_student)}",
-        f"teacher CFG forward on the whole clip (no grad, one block at a time; fp32 residual, max of bf16 FFN and "
-        f"float64 RoPE temporaries {_gib(rope_temps)}): ~{_gib(teacher_transient)}",
-        f"alignment backward through teacher blocks 0..{args.align_block} (checkpointed fp32 inputs): "
-        f"{_gib(align_acts)}",
-        f"estimated peak per GPU (sharded states + blocks in flight + caches + the larger transient): "
-        f"{_gib(total + max(teacher_transient, align_acts + act_student))}",
-    ]
-    return "\n".join(lines)
 
 
 def shard(model: WanModel, mixed: bool) -> None:
@@ -331,7 +240,7 @@ def start(args: argparse.Namespace) -> FullRun:
         batch=args.batch_per_gpu,
         recipe=recipe_from_args(args),
     )
-    s_cfg, c_cfg, t_cfg = _configs(args)
+    s_cfg, c_cfg, t_cfg = model_configs(args)
     ckpt_flag, mixed = args.activation_checkpointing, args.mixed_precision
     student = build_model(s_cfg, args.student, device, distributed, mixed, ckpt_flag)
     critic = build_model(c_cfg, args.critic, device, distributed, mixed, ckpt_flag)

@@ -94,8 +94,9 @@ from tqdm.auto import tqdm
 
 from salt_ref.checkpoint import CheckpointMismatchError, read_header, save_atomic
 from salt_ref.cli import Parser, positive_int
-from salt_ref.full import build_model, ema_factory, join_process_group, parse_latent
+from salt_ref.full import build_model, ema_factory, join_process_group
 from salt_ref.loop import DCPCheckpointer, LoopConfig, NonFiniteLossError, Rng, train
+from salt_ref.memory_plan import parse_latent
 from salt_ref.models.wan import CheckpointKeyError, WanConfig
 from salt_ref.pretrain import ODEPairs, ODERegressionTask, teacher_trajectories
 from salt_ref.recipe import PRESETS, Recipe

@@ -23,7 +23,7 @@ is freed and the peak counter reset between sections:
 - ``cfg_forward_14b``: a random 14B-shape bidirectional Wan in bf16 on the GPU, one no-grad forward at batch 2
   (cond + negative, as the CFG teacher runs) on latent 16x21x60x104 with context ``[2, 512, 4096]`` under bf16
   autocast. Reports seconds, weights and peak memory, the measured transient (peak - weights), and the plan's
-  predicted numbers (``salt_ref.full.plan`` of ``--scale full --dry-run --gpus 8``) for comparison. An OOM is
+  predicted numbers (``salt_ref.memory_plan.plan`` of ``--scale full --dry-run --gpus 8``) for comparison. An OOM is
   a result: the section is then ``ok: false`` with the OOM message.
 
 How long: estimated at 2-3 minutes on one H100/H200 from the FLOP and byte counts (model builds and warm-ups
@@ -427,7 +427,7 @@ def section_generate(rec: dict, ctx: Context) -> None:
 
 
 def _plan_numbers() -> dict:
-    from salt_ref.full import plan
+    from salt_ref.memory_plan import plan
     from salt_ref.train import build_parser
 
     args = build_parser("full").parse_args(["--scale", "full", "--dry-run", "--gpus", "8"])
