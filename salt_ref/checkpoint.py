@@ -4,7 +4,15 @@ r"""Training checkpoints: the safetensors format, and the two checkpointers the 
 Module weights go in as ``"<prefix>.<param name>"``; an optimizer's per-parameter tensors as
 ``"<prefix>.state.<index>.<key>"`` with its ``param_groups`` in the header; RNG states as uint8 tensors.
 Writes go to a temporary file in the same directory, are flushed to disk, then ``os.replace``d over the
-target, so a run killed mid-write leaves the previous checkpoint intact.
+target, so a run killed mid-write leaves the previous checkpoint intact (and the next save removes the leftover
+``.<name>.*.tmp``). The file gets the permissions of any other output (``0666`` less the umask).
+
+**Integrity.** The header stores a SHA-256 of every tensor's bytes (``"checksums"``), and the metadata a SHA-256
+of the header itself (``"salt_ref.sha256"``), so :func:`load_state` and :func:`read_header` detect a truncated
+file, a flipped byte in a weight, or an edited header (say, another iteration number), and raise
+:class:`CheckpointDamagedError` naming the file and what failed. A checkpoint written before checksums existed
+(neither field) still loads. A write that fails for lack of space raises :class:`CheckpointWriteError` with the
+folder and the bytes needed; the previous checkpoint is intact.
 
 **Checkpointers** (:class:`Checkpointer`): :class:`SafetensorsCheckpointer` writes one such file per run (single
 process); :class:`DCPCheckpointer` writes a sharded ``torch.distributed.checkpoint`` folder under FSDP2. Both
@@ -17,6 +25,8 @@ typing (see :class:`Checkpointer`).
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import shutil
@@ -26,17 +36,21 @@ from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 __all__ = [
     "CHECKPOINT_NAME",
     "CheckpointMismatchError",
+    "CheckpointDamagedError",
+    "CheckpointWriteError",
     "Checkpointer",
     "SafetensorsCheckpointer",
     "DCPCheckpointer",
     "save_atomic",
+    "check_setup_part",
+    "tensor_checksum",
     "load_state",
     "read_header",
     "module_tensors",
@@ -49,42 +63,140 @@ __all__ = [
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 _META_KEY = "salt_ref"
+_SUM_KEY = "salt_ref.sha256"  # metadata key of the header's own checksum
+_NO_COPY = "there is no earlier copy: start the run again with --overwrite instead of --resume, or use another --out"
 
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint does not fit the model, optimizer or config it is loaded into."""
 
 
+class CheckpointDamagedError(CheckpointMismatchError):
+    """A checkpoint file is truncated, corrupt or edited (a failed checksum); the message names what failed."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (e.g. no space left); the previous checkpoint, if any, is intact."""
+
+
+def _damaged(path: str | os.PathLike, reason: str) -> CheckpointDamagedError:
+    return CheckpointDamagedError(f"checkpoint {path} is damaged ({reason}); {_NO_COPY}")
+
+
+def tensor_checksum(t: Tensor) -> str:
+    """SHA-256 of a tensor's dtype, shape and bytes (hex): what the header stores per tensor."""
+    t = t.detach().cpu().contiguous()
+    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _header_checksum(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _remove_leftovers(path: Path) -> None:
+    """Delete ``.<name>.*.tmp`` files a killed writer left beside ``path`` (callers hold the run lock)."""
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
 def save_atomic(path: str | os.PathLike, tensors: dict[str, Tensor], header: dict[str, Any]) -> None:
-    """Write ``tensors`` and a JSON ``header`` to ``path`` via temp file + fsync + rename."""
+    """Write ``tensors`` and a JSON ``header`` to ``path`` via temp file + fsync + rename.
+
+    The header gains ``"checksums"`` (one :func:`tensor_checksum` per tensor) and the metadata the header's own
+    SHA-256. Raises :class:`CheckpointWriteError` (naming the folder and the bytes needed) when the disk is full.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(path)
     # safetensors refuses views and shared storage; a contiguous clone per tensor is cheap at toy scale.
     flat = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
+    text = json.dumps({**header, "checksums": {k: tensor_checksum(v) for k, v in flat.items()}})
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file(flat, tmp, metadata={_META_KEY: json.dumps(header)})
+        save_file(flat, tmp, metadata={_META_KEY: text, _SUM_KEY: _header_checksum(text)})
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; the run's other outputs are 0644
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        no_space = (isinstance(e, OSError) and e.errno == errno.ENOSPC) or (
+            isinstance(e, SafetensorError) and "No space left" in str(e)
+        )
+        if no_space:
+            need = sum(v.numel() * v.element_size() for v in flat.values()) + len(text)
+            free = shutil.disk_usage(path.parent).free
+            kept = (
+                f"the previous checkpoint {path} is intact; free some space and continue with --resume"
+                if path.exists()
+                else "nothing was written; free some space and run again"
+            )
+            err = CheckpointWriteError(
+                f"no space left on device in {path.parent}: a checkpoint needs about {need} bytes, {free} are free; "
+                + kept
+            )
+            err.errno = errno.ENOSPC
+            raise err from None
         raise
 
 
+def _metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The safetensors metadata of ``path``; a file safetensors cannot parse is :class:`CheckpointDamagedError`."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except SafetensorError as e:
+        raise _damaged(path, f"not a readable safetensors file: {e}") from None
+    except OSError as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise _damaged(path, f"cannot be read: {e}") from None
+
+
 def read_header(path: str | os.PathLike) -> dict[str, Any]:
-    """The JSON header of a checkpoint without loading its tensors."""
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    """The JSON header of a checkpoint without loading its tensors (its own checksum verified)."""
+    meta = _metadata(path)
     if _META_KEY not in meta:
         raise CheckpointMismatchError(f"{path} is not a salt_ref training checkpoint (no '{_META_KEY}' header)")
-    return json.loads(meta[_META_KEY])
+    text = meta[_META_KEY]
+    if _SUM_KEY in meta and meta[_SUM_KEY] != _header_checksum(text):
+        raise _damaged(path, "its header fails its checksum: it was edited or corrupted")
+    try:
+        header = json.loads(text)
+    except ValueError as e:
+        raise _damaged(path, f"its header is not valid JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise _damaged(path, "its header is not a JSON object")
+    if (_SUM_KEY in meta) != ("checksums" in header):  # a checksum-era file lost one of its two checksums
+        raise _damaged(path, "a checksum is missing from its header")
+    return header
 
 
 def load_state(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """``(tensors, header)`` of a checkpoint written by :func:`save_atomic`."""
-    return load_file(str(path)), read_header(path)
+    """``(tensors, header)`` of a checkpoint written by :func:`save_atomic`, every tensor's checksum verified."""
+    header = read_header(path)
+    try:
+        tensors = load_file(str(path))
+    except SafetensorError as e:
+        raise _damaged(path, f"its tensors cannot be read: {e}") from None
+    sums = header.get("checksums")
+    if sums is not None:
+        if set(sums) != set(tensors):
+            missing, extra = sorted(set(sums) - set(tensors)), sorted(set(tensors) - set(sums))
+            raise _damaged(path, f"tensors missing {missing[:4]}, unexpected {extra[:4]}")
+        for name, t in tensors.items():
+            if tensor_checksum(t) != sums[name]:
+                raise _damaged(path, f"tensor {name!r} fails its checksum")
+    return tensors, header
 
 
 def module_tensors(prefix: str, module: nn.Module) -> dict[str, Tensor]:
@@ -193,6 +305,17 @@ def _check_fingerprint(path: Path, theirs: dict[str, Any], ours: dict[str, Any])
     )
 
 
+def check_setup_part(path: str | os.PathLike, part: dict[str, Any]) -> None:
+    """Refuse a resume onto ``path`` whose stored fingerprint has other values under ``part``'s keys.
+
+    The loop checks the whole fingerprint when it loads; a setup calls this first, before its expensive stages
+    (the small scale's teacher), so a resume with changed settings is refused before any work.
+    """
+    theirs = read_header(path).get("config", {})
+    ours = json.loads(json.dumps(part))  # as JSON stores it: tuples become lists
+    _check_fingerprint(Path(path), {k: theirs.get(k, _MISSING) for k in ours}, ours)
+
+
 class Checkpointer(Protocol):
     """Where the loop keeps its training state; :func:`salt_ref.loop.train` calls these on every rank.
 
@@ -219,6 +342,10 @@ class Checkpointer(Protocol):
 
     def load(self, state: Any, fingerprint: dict[str, Any]) -> None: ...
 
+    def discard(self) -> None:
+        """Delete the checkpoint and any partial write of it (a fresh run starts over; never two runs' files)."""
+        ...
+
 
 class SafetensorsCheckpointer:
     """One safetensors file per run (single process), in the format above, replaced atomically."""
@@ -231,6 +358,10 @@ class SafetensorsCheckpointer:
 
     def iteration(self) -> int:
         return int(read_header(self.path)["iteration"])
+
+    def discard(self) -> None:
+        self.path.unlink(missing_ok=True)
+        _remove_leftovers(self.path)
 
     def save(self, state: Any, fingerprint: dict[str, Any]) -> None:
         task = state.task
@@ -264,6 +395,11 @@ class DCPCheckpointer:
 
     Holds ``generator``, ``ema``, ``critic`` and both optimizers (each rank writes its shards), one
     ``rng_rank<r>.pt`` per rank, and ``meta.json`` with the iteration, the run's fingerprint and its world size.
+
+    **A DCP folder is trusted input.** ``torch.distributed.checkpoint`` unpickles the folder's ``.metadata`` on
+    load, so a crafted folder runs code on ``--resume``: resume only folders your own runs wrote. To share
+    weights, export them with ``python -m salt_ref.convert`` (one safetensors file, which loads no code). The
+    per-rank RNG files are read with ``torch.load(weights_only=True)``.
     """
 
     def __init__(self, path: str | Path):
@@ -274,6 +410,16 @@ class DCPCheckpointer:
 
     def iteration(self) -> int:
         return int(json.loads((self.path / "meta.json").read_text())["iteration"])
+
+    def discard(self) -> None:
+        if rank_and_world()[0] == 0:
+            for p in (
+                self.path,
+                self.path.with_name(self.path.name + ".tmp"),
+                self.path.with_name(self.path.name + ".old"),
+            ):
+                shutil.rmtree(p, ignore_errors=True)
+        barrier()
 
     @staticmethod
     def _state_dicts(state: Any) -> dict[str, Any]:
@@ -330,5 +476,5 @@ class DCPCheckpointer:
             set_state_dict(
                 task.critic, state.opt_critic, model_state_dict=sds["critic"], optim_state_dict=sds["opt_critic"]
             )
-        state.set_rng(torch.load(self.path / f"rng_rank{rank}.pt"))
+        state.set_rng(torch.load(self.path / f"rng_rank{rank}.pt", weights_only=True))
         state.done = int(meta["iteration"])

@@ -12,6 +12,11 @@ Both write one safetensors file with the official Wan key names, which
 is written to a temporary name in the target folder and renamed over ``--out``, so a failed conversion leaves an
 older file intact. Tensors keep their stored dtype unless ``--dtype`` is given.
 
+**Share the exported file, not the run folder.** A safetensors file holds tensors and a JSON header and loads no
+code; a ``torch.distributed.checkpoint`` folder is trusted input to ``--resume`` (DCP unpickles its
+``.metadata`` there, see :class:`~salt_ref.checkpoint.DCPCheckpointer`). ``export`` itself reads that pickle
+with the restricted unpickler below, so exporting a folder from elsewhere runs no code.
+
 **import** reads a ``torch.save`` file with ``torch.load(weights_only=True)`` only: a file that needs
 ``weights_only=False`` (it pickles other objects, which could run code when loaded) is refused. Layouts read:
 

@@ -165,6 +165,7 @@ class DMDObjective:
             sigma_min=r.dmd_sigma_min,
             sigma_max=r.dmd_sigma_max,
             generator=generator,
+            normalizer=r.dmd_normalizer,
         )
         loss, logs = out.loss, {"loss_dmd": out.loss.item(), "n_steps": draw.n_steps, "exit": draw.exit_index}
         if ro.exit_extra is not None:

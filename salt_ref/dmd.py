@@ -6,8 +6,14 @@ Given a generated sample ``x0 [B, ...]`` (with gradient), DMD re-noises it and c
     x_sigma = (1 - sigma) x0 + sigma eps
     x0_real = real(x_sigma, sigma)        (teacher, with CFG:  cond + cfg_scale * (cond - uncond), cfg_scale = 3)
     x0_fake = fake(x_sigma, sigma)        (critic, trained on the generator's samples, no CFG)
-    g       = (x0_fake - x0_real) / mean_{per sample} |x0 - x0_real|
+    g       = (x0_fake - x0_real) / mean_{per sample} |x0 - x0_real|         (normalizer "sample", the release)
+            = (x0_fake - x0_real) / mean_{batch}      |x0 - x0_real|         (normalizer "batch")
     L_DMD   = 0.5 * mean((x0 - sg(x0 - g))^2)
+
+Both normalisers leave the fixed point ``x0_fake = x0_real`` alone. Per sample, the mean runs over the ``C F H W``
+elements of a video and is nearly the same for every sample; over the 2 coordinates of a 2D point it is a
+per-point weight ``1 / |x0 - x0_real|`` that grows where the teacher's denoised estimate is close, i.e. inside
+narrow modes, and shrinks in wide ones. The batch normaliser is one scale for all points.
 
 ``dL/dx0 = g / N`` (N = number of averaged elements): a descent step moves the sample towards the teacher's
 denoised estimate and away from the critic's, i.e. along ``score_real - score_fake``.
@@ -33,6 +39,7 @@ __all__ = [
     "CFG_SCALE",
     "DMD_SIGMA_MIN",
     "DMD_SIGMA_MAX",
+    "NORMALIZERS",
     "cfg",
     "sample_dmd_sigmas",
     "dmd_direction",
@@ -76,23 +83,33 @@ def sample_dmd_sigmas(
     )
 
 
-def dmd_direction(x0: Tensor, x0_real: Tensor, x0_fake: Tensor, eps: float = 1e-8) -> Tensor:
-    """Normalised DMD direction ``g = (x0_fake - x0_real) / mean|x0 - x0_real|`` per sample ``[B, ...]``.
+NORMALIZERS = ("sample", "batch")
 
-    The normaliser is floored at ``eps`` so a generator that already equals the teacher gives a finite ``g``;
-    a NaN/inf in the inputs stays in ``g`` (masking it would train on a broken teacher with gradient 0).
+
+def dmd_direction(
+    x0: Tensor, x0_real: Tensor, x0_fake: Tensor, eps: float = 1e-8, normalizer: str = "sample"
+) -> Tensor:
+    """Normalised DMD direction ``g = (x0_fake - x0_real) / mean|x0 - x0_real|`` ``[B, ...]``.
+
+    The mean is per sample (``normalizer="sample"``) or over the whole batch (``"batch"``). It is floored at
+    ``eps`` so a generator that already equals the teacher gives a finite ``g``; a NaN/inf in the inputs stays
+    in ``g`` (masking it would train on a broken teacher with gradient 0).
     """
-    # a 1-d batch [B] has no per-sample dims: mean over () would reduce over everything in torch
+    if normalizer not in NORMALIZERS:
+        raise ValueError(f"unknown DMD normalizer {normalizer!r}; choose one of {list(NORMALIZERS)}")
     diff = (x0 - x0_real).abs()
-    normaliser = diff if x0.ndim == 1 else diff.mean(dim=tuple(range(1, x0.ndim)), keepdim=True)
+    if normalizer == "batch":
+        normaliser = diff.mean()
+    else:  # a 1-d batch [B] has no per-sample dims: mean over () would reduce over everything in torch
+        normaliser = diff if x0.ndim == 1 else diff.mean(dim=tuple(range(1, x0.ndim)), keepdim=True)
     normaliser = normaliser.clamp_min(eps)
     return (x0_fake - x0_real) / normaliser
 
 
-def dmd_loss(x0: Tensor, x0_real: Tensor, x0_fake: Tensor) -> Tensor:
+def dmd_loss(x0: Tensor, x0_real: Tensor, x0_fake: Tensor, normalizer: str = "sample") -> Tensor:
     """``0.5 * mean((x0 - sg(x0 - g))^2)``; only ``x0`` carries gradient (computed in float64 like the public code)."""
     with torch.no_grad():
-        g = dmd_direction(x0.detach(), x0_real, x0_fake)
+        g = dmd_direction(x0.detach(), x0_real, x0_fake, normalizer=normalizer)
         target = (x0.detach() - g).double()
     return (0.5 * (x0.double() - target).pow(2).mean()).to(x0.dtype)
 
@@ -141,6 +158,7 @@ def dmd_generator_loss(
     generator: torch.Generator | None = None,
     sigma: Tensor | None = None,
     noise: Tensor | None = None,
+    normalizer: str = "sample",
 ) -> DMDOutput:
     """The full DMD generator loss for generated ``x0 [B, ...]`` (re-noise, score both, normalise).
 
@@ -153,12 +171,13 @@ def dmd_generator_loss(
         sigma_max: the upper end.
         sigma: fix the re-noising level ``[B]`` (drawn if ``None``).
         noise: fix the noise ``[B, ...]`` (drawn if ``None``).
+        normalizer: ``"sample"`` or ``"batch"`` (:func:`dmd_direction`).
     """
     sigma, noise, x_sigma = _renoise(x0.detach(), shift, sigma_min, sigma_max, generator, sigma, noise)
     with torch.no_grad():
         x0_real = x0_from_flow(x_sigma, sigma, real_flow(x_sigma, sigma))
         x0_fake = x0_from_flow(x_sigma, sigma, fake_flow(x_sigma, sigma))
-    return DMDOutput(dmd_loss(x0, x0_real, x0_fake), sigma, x0_real, x0_fake)
+    return DMDOutput(dmd_loss(x0, x0_real, x0_fake, normalizer), sigma, x0_real, x0_fake)
 
 
 def critic_loss(

@@ -36,7 +36,7 @@ import torch.distributed as dist
 from torch import nn
 
 from salt_ref.checkpoint import CheckpointMismatchError
-from salt_ref.cli import boolean, memory_policy
+from salt_ref.cli import boolean, memory_policy, non_negative_int, positive_int
 from salt_ref.kv_cache import MemoryPolicy
 from salt_ref.loop import DCPCheckpointer, LoopConfig, NonFiniteLossError, train
 from salt_ref.memory_plan import model_configs, parse_latent, plan
@@ -73,9 +73,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--prompts", help="precomputed text states: safetensors with 'context' [N,L,4096], 'negative' [L,4096]"
     )
     g.add_argument("--model", choices=["tiny", "1.3B"], default="1.3B", help="student and critic size")
-    g.add_argument("--teacher-model", choices=["tiny", "1.3B", "14B"], default="14B")
+    g.add_argument("--teacher-model", choices=["tiny", "1.3B", "14B"], default="14B", help="teacher size")
     g = p.add_argument_group("recipe")
-    g.add_argument("--method", choices=list(VIDEO_METHODS), default="salt")
+    g.add_argument(
+        "--method",
+        choices=list(VIDEO_METHODS),
+        default="salt",
+        help="self-forcing: DMD over chunk-wise rollouts; sc-dmd: plus self-consistency; salt: plus feature alignment",
+    )
     g.add_argument("--causal", type=boolean, default=True, help="false: bidirectional student (non-AR SC-DMD)")
     g.add_argument(
         "--memory", type=memory_policy, default=MemoryPolicy(), help="KV-cache policy: full, window:N, sink:S+window:N"
@@ -99,19 +104,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="generator iterations, each followed by --critic-ratio critic updates (the released code's 'steps' "
         f"count critic updates: divide them by 5); default per method {RECIPE_ITERS}",
     )
-    g.add_argument("--total-batch", type=int, default=64)
-    g.add_argument("--batch-per-gpu", type=int, default=1)
-    g.add_argument("--lr-gen", type=float, default=2e-6)
-    g.add_argument("--lr-critic", type=float, default=4e-7)
-    g.add_argument("--critic-ratio", type=int, default=5)
+    g.add_argument("--total-batch", type=positive_int, default=64, help="videos per generator update, all ranks")
+    g.add_argument(
+        "--batch-per-gpu", type=positive_int, default=1, help="videos per micro-batch and rank (the rest accumulates)"
+    )
+    g.add_argument("--lr-gen", type=float, default=2e-6, help="generator learning rate (AdamW)")
+    g.add_argument("--lr-critic", type=float, default=4e-7, help="critic learning rate (AdamW)")
+    g.add_argument("--critic-ratio", type=non_negative_int, default=5, help="critic updates per generator update")
     g.add_argument(
         "--ema-start", type=int, default=EMA_START, help="generator iteration the EMA starts (released: step 200)"
     )
-    g.add_argument("--ckpt-every", type=int, default=50)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--out", default="runs/full")
-    g.add_argument("--resume", action="store_true")
-    g.add_argument("--no-progress", action="store_true")
+    g.add_argument(
+        "--ckpt-every", type=positive_int, default=50, help="write the sharded checkpoint every N iterations"
+    )
+    g.add_argument("--seed", type=int, default=0, help="seed of every training draw")
+    g.add_argument("--out", default="runs/full", help="output folder (checkpoint/, metrics.jsonl)")
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its checkpoint (a DCP folder is trusted input: resume only your own)",
+    )
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a fresh run in an --out that holds another run's checkpoint, deleting it",
+    )
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("running")
     g.add_argument("--dry-run", action="store_true", help="build on the meta device, print the plan, exit 0")
     g.add_argument("--gpus", type=int, default=None, help="GPU count for the --dry-run plan (default: world size)")

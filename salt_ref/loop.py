@@ -25,6 +25,10 @@ recipe, model shapes) plus ``"loop"`` (:func:`loop_fingerprint`: the settings bu
 ``"world_x_accum"``; a resume with another fingerprint is refused, naming each differing field.
 
 While it runs, :func:`train` holds ``out_dir/.lock`` (:mod:`salt_ref.run_lock`): one output folder, one live run.
+A fresh run (``resume=False``) first deletes the folder's checkpoint and ``metrics.jsonl`` (the command lines
+refuse such a folder unless told ``--overwrite``), so a folder never holds two runs' files. ``metrics.jsonl`` has
+one JSON object per logged iteration; :data:`METRICS_SCHEMA`, written beside it as ``metrics.schema.json``, says
+what each key means and which way is better. A line torn by a kill is dropped on resume.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from tqdm.auto import tqdm
 from salt_ref.checkpoint import (
     CHECKPOINT_NAME,
     Checkpointer,
+    CheckpointMismatchError,
     DCPCheckpointer,
     SafetensorsCheckpointer,
     rank_and_world,
@@ -65,9 +70,38 @@ __all__ = [
     "RESUME_FREE",
     "CHECKPOINT_NAME",
     "METRICS_NAME",
+    "METRICS_SCHEMA",
+    "SCHEMA_NAME",
+    "read_metrics",
 ]
 
 METRICS_NAME = "metrics.jsonl"
+SCHEMA_NAME = "metrics.schema.json"
+
+# What each key of a metrics.jsonl row means: "better" is the direction of improvement where there is one (a
+# distillation loss is a training signal, not a quality score: its level moves with the critic, so it has none).
+METRICS_SCHEMA: dict[str, dict[str, str]] = {
+    "iter": {"type": "integer", "meaning": "generator iterations done when the row was logged"},
+    "time_s": {"type": "number", "unit": "s", "meaning": "wall time since this process started training"},
+    "loss_gen": {"type": "number", "meaning": "the generator's total loss (the sum of its terms below)"},
+    "loss_dmd": {"type": "number", "meaning": "DMD term (its value is a surrogate; its gradient is DMD's)"},
+    "loss_sc": {
+        "type": "number",
+        "better": "lower",
+        "meaning": "self-consistency term (0: the coarse step lands where the fine steps do)",
+    },
+    "loss_align": {"type": "number", "better": "lower", "meaning": "Salt's feature alignment (MMD) term"},
+    "loss_cd": {"type": "number", "better": "lower", "meaning": "consistency-distillation loss"},
+    "loss_fm": {"type": "number", "better": "lower", "meaning": "flow-matching loss (teacher pretraining)"},
+    "loss_ode": {"type": "number", "better": "lower", "meaning": "ODE-regression loss (student init)"},
+    "loss_critic": {
+        "type": "number",
+        "meaning": "the critic's flow-matching loss on student samples, mean over its updates of the iteration",
+    },
+    "grad_norm_gen": {"type": "number", "meaning": "generator gradient norm before clipping"},
+    "n_steps": {"type": "integer", "meaning": "the step list drawn for this iteration's rollout"},
+    "exit": {"type": "integer", "meaning": "the exit step of the rollout (its index in the step list)"},
+}
 
 
 @dataclass
@@ -194,7 +228,7 @@ def _reduce_logs(logs: dict[str, float], device: torch.device) -> dict[str, floa
     keys = sorted(logs)
     vals = torch.tensor([float(logs[k]) for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(vals)
-    return {k: v / world for k, v in zip(keys, vals.cpu().tolist(), strict=True)}
+    return _integers_back({k: v / world for k, v in zip(keys, vals.cpu().tolist(), strict=True)}, logs)
 
 
 def _any_rank(flag: bool, device: torch.device) -> bool:
@@ -238,7 +272,12 @@ def _optimise(
         raise NonFiniteLossError(f"{what} gradient norm is {norm} at iteration {it}; {last_good}")
     opt.step()
     logs_sum[f"grad_norm_{what}"] = norm
-    return logs_sum
+    return _integers_back(logs_sum, logs)
+
+
+def _integers_back(means: dict[str, float], sample: dict[str, Any]) -> dict[str, float | int]:
+    """Counts the task logged as ints (step list, exit step) stay ints: they are shared, so their mean is whole."""
+    return {k: int(v) if isinstance(sample.get(k), int) and float(v).is_integer() else v for k, v in means.items()}
 
 
 @torch.no_grad()
@@ -253,12 +292,26 @@ def _ema_update(ema: nn.Module, model: nn.Module, decay: float | None) -> None:
         e.copy_(b)
 
 
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a ``metrics.jsonl`` file (keys: :data:`METRICS_SCHEMA`); a line torn by a kill mid-write (not a
+    JSON object with an integer ``iter``) is dropped."""
+    rows = []
+    for ln in Path(path).read_text().splitlines():
+        try:
+            row = json.loads(ln)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("iter"), int):
+            rows.append(row)
+    return rows
+
+
 def _trim_metrics(path: Path, upto: int) -> None:
-    """Drop log lines past the resumed iteration so the log matches an uninterrupted run."""
+    """Drop log lines past the resumed iteration (and a torn last one) so the log matches an uninterrupted run."""
     if not path.exists():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["iter"] <= upto]
-    path.write_text("".join(ln + "\n" for ln in keep))
+    keep = [row for row in read_metrics(path) if row["iter"] <= upto]
+    path.write_text("".join(json.dumps(row) + "\n" for row in keep))
 
 
 # Settings a resumed run may change: the budget, the bookkeeping, and the accumulation split (its product with the
@@ -304,6 +357,7 @@ def train(
     progress: bool = True,
     callback: Callable[[int, dict[str, float]], None] | None = None,
     checkpointer: Checkpointer | None = None,
+    desc: str = "train",
 ) -> LoopResult:
     """Run ``cfg.iters`` generator iterations of ``task`` writing into ``out_dir``.
 
@@ -314,14 +368,20 @@ def train(
         fingerprint: JSON-able description of what the setup must keep equal on resume: its config, recipe,
             model shapes. The loop adds its own part to it, ``"loop"`` (:func:`loop_fingerprint`) and
             ``"world_x_accum"``, so it must not contain those keys (``ValueError``); default: no setup part.
-        resume: continue from ``out_dir``'s checkpoint (error if there is none or it has another fingerprint).
+        resume: continue from ``out_dir``'s checkpoint (error if there is none, it has another fingerprint, it is
+            damaged, or it is already past ``cfg.iters``). Without it, the folder's checkpoint and metrics are
+            deleted first: a fresh run starts over.
         progress: show a progress bar (rank 0).
         callback: ``callback(iteration_done, logs)`` after each iteration (for tests and notebooks).
         checkpointer: where state goes (default: ``out_dir/checkpoint.safetensors``).
+        desc: the progress bar's label: the stage this run is (``"teacher"``, ``"distill"``, ...).
 
     Raises:
         RunLockedError: another live run holds ``out_dir`` (:mod:`salt_ref.run_lock`).
-        CheckpointMismatchError: ``resume`` onto a checkpoint with another fingerprint, naming the fields.
+        CheckpointMismatchError: ``resume`` onto a checkpoint with another fingerprint, naming the fields, or one
+            already past ``cfg.iters``; :class:`~salt_ref.checkpoint.CheckpointDamagedError` (a subclass) for a
+            damaged one.
+        CheckpointWriteError: no space left for a checkpoint (the previous one is intact).
         FileNotFoundError: ``resume`` without a checkpoint.
         NonFiniteLossError: a NaN/inf loss or gradient norm; the last good checkpoint is kept.
     """
@@ -331,7 +391,7 @@ def train(
     out_dir.mkdir(parents=True, exist_ok=True)
     # taken before anything is written; under torch.distributed rank 0 holds it and the others wait for it
     with RunLock(out_dir, device=_param_device(task.generator)):
-        return _train_locked(task, cfg, out_dir, fingerprint, resume, progress, callback, checkpointer)
+        return _train_locked(task, cfg, out_dir, fingerprint, resume, progress, callback, checkpointer, desc)
 
 
 def _train_locked(
@@ -343,6 +403,7 @@ def _train_locked(
     progress: bool,
     callback: Callable[[int, dict[str, float]], None] | None,
     checkpointer: Checkpointer | None,
+    desc: str,
 ) -> LoopResult:
     rank, _ = rank_and_world()
     saver = checkpointer or SafetensorsCheckpointer(out_dir / CHECKPOINT_NAME)
@@ -352,17 +413,26 @@ def _train_locked(
         if not saver.exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {saver.path}")
         saver.load(state, fingerprint)
+        if state.done > cfg.iters:
+            raise CheckpointMismatchError(
+                f"--resume: the run in {out_dir} is already at iteration {state.done}, past --iters {cfg.iters}; "
+                f"give --iters {state.done} or more to continue it"
+            )
         if rank == 0:
             _trim_metrics(metrics_path, state.done)
-    elif rank == 0:
-        metrics_path.unlink(missing_ok=True)
+    else:
+        saver.discard()  # a fresh run never leaves an older run's checkpoint beside its own metrics
+        if rank == 0:
+            metrics_path.unlink(missing_ok=True)
+    if rank == 0:
+        (out_dir / SCHEMA_NAME).write_text(json.dumps(METRICS_SCHEMA, indent=1) + "\n")
     last_good = f"last good checkpoint: {saver.path} (iteration {state.done})" if resume else "no checkpoint yet"
     task.generator.train()
     if task.critic is not None:
         task.critic.train()
     logs: dict[str, float] = {}
     t0 = time.perf_counter()
-    bar = tqdm(total=cfg.iters, initial=state.done, disable=not progress or rank != 0, desc="train", dynamic_ncols=True)
+    bar = tqdm(total=cfg.iters, initial=state.done, disable=not progress or rank != 0, desc=desc, dynamic_ncols=True)
     metrics_file = open(metrics_path, "a") if rank == 0 else None  # noqa: SIM115 - closed below
     try:
         for it in range(state.done, cfg.iters):

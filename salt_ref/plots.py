@@ -6,19 +6,15 @@ and importing this module does not change the backend (so notebooks keep showing
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 
+from salt_ref.loop import read_metrics  # one reader of the log (it drops a line torn by a kill)
+
 __all__ = ["read_metrics", "plot_losses", "scatter_panels"]
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    """The rows of a ``metrics.jsonl`` file."""
-    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
 
 
 def _smooth(y: np.ndarray, window: int) -> np.ndarray:
@@ -28,8 +24,12 @@ def _smooth(y: np.ndarray, window: int) -> np.ndarray:
     return np.convolve(np.pad(y, (window - 1, 0), mode="edge"), kernel, mode="valid")
 
 
-def plot_losses(metrics_path: str | Path, out_png: str | Path, *, smooth: int = 10) -> Path:
-    """One panel per ``loss_*`` column of ``metrics.jsonl`` against iteration (raw faint, smoothed solid)."""
+def plot_losses(metrics_path: str | Path, out_png: str | Path, *, smooth: int = 10, title: str | None = None) -> Path:
+    """One panel per ``loss_*`` column of ``metrics.jsonl`` against iteration (raw faint, smoothed solid).
+
+    Each panel's y axis is labelled with its key (``metrics.schema.json`` beside the log says what it means);
+    ``title`` names the run (default: the log's folder).
+    """
     rows = read_metrics(metrics_path)
     keys = sorted({k for r in rows for k in r if k.startswith("loss")})
     if not keys:
@@ -38,12 +38,15 @@ def plot_losses(metrics_path: str | Path, out_png: str | Path, *, smooth: int = 
     for ax, key in zip(axes[0], keys, strict=True):
         pts = [(r["iter"], r[key]) for r in rows if key in r]
         it, val = (np.array(v, dtype=float) for v in zip(*pts, strict=True))
-        ax.plot(it, val, alpha=0.3, lw=0.8)
-        ax.plot(it, _smooth(val, smooth), lw=1.5)
+        ax.plot(it, val, alpha=0.3, lw=0.8, label="logged")
+        ax.plot(it, _smooth(val, smooth), lw=1.5, label=f"mean of last {smooth}" if smooth > 1 else "logged")
         ax.set_title(key)
         ax.set_xlabel("iteration")
+        ax.set_ylabel(key + (" (log scale)" if np.all(val > 0) else ""))
         if np.all(val > 0):
             ax.set_yscale("log")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title or str(Path(metrics_path).parent), fontsize=10)
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
     plt.close(fig)

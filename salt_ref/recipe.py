@@ -5,6 +5,7 @@ A :class:`Recipe` holds what decides the losses and the samplers, and nothing ab
     schedule     shift s                         sigmas = denoising_sigmas(n, s);   t = 1000 sigma (schedule)
     training     (n, p_n) in zip(steps, step_probs)   n ~ p,  exit k ~ U{0..n-1}
     DMD          sigma ~ clip(warp(U[0, 1), s), dmd_sigma_min, dmd_sigma_max);   real = cond + cfg_scale (cond - uncond)
+                 g normalised per sample or per batch (dmd_normalizer)
     SC           lambda = sc_weight on n = sc_fine_steps draws with k < n - 1, endpoints on sc_segments boundaries
     alignment    w = align_weight on (n, k) = (align_steps, align_exit) draws from iteration align_start;
                  teacher block align_block, TRD margin align_margin, reference grid align_reference_steps,
@@ -27,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from salt_ref.dmd import CFG_SCALE, DMD_SIGMA_MAX, DMD_SIGMA_MIN
+from salt_ref.dmd import CFG_SCALE, DMD_SIGMA_MAX, DMD_SIGMA_MIN, NORMALIZERS
 from salt_ref.feature_align import ALIGN_T_MAX, ALIGN_WEIGHT, TRD_MARGIN
 from salt_ref.sc_dmd import SC_LAMBDA, SC_SEGMENTS
 from salt_ref.schedule import SHIFT, denoising_sigmas
@@ -55,6 +56,7 @@ class Recipe:
     cfg_scale: float = CFG_SCALE
     dmd_sigma_min: float = DMD_SIGMA_MIN
     dmd_sigma_max: float = DMD_SIGMA_MAX
+    dmd_normalizer: str = "sample"
     sc_weight: float = SC_LAMBDA
     sc_fine_steps: int = 8
     sc_segments: int = SC_SEGMENTS
@@ -85,6 +87,8 @@ class Recipe:
         if not 0.0 <= self.dmd_sigma_min <= self.dmd_sigma_max <= 1.0:
             raise ValueError(f"recipe: need 0 <= dmd_sigma_min <= dmd_sigma_max <= 1, got "
                              f"{self.dmd_sigma_min}, {self.dmd_sigma_max}")  # fmt: skip
+        if self.dmd_normalizer not in NORMALIZERS:
+            raise ValueError(f"recipe: dmd_normalizer must be one of {list(NORMALIZERS)}, got {self.dmd_normalizer!r}")
         if self.sc_weight < 0 or self.align_weight < 0:
             raise ValueError("recipe: sc_weight and align_weight must be >= 0")
         if self.sc_target not in ("live", "ema"):
@@ -154,8 +158,10 @@ PRESETS: dict[str, Recipe] = {
     # The toy video world (tiny 4-block Wans): CFG 2 (the best of a teacher sweep), alignment from the start at
     # block 2 of 4.
     "small": Recipe(cfg_scale=2.0, align_start=0, align_block=2),
-    # The 2D mixtures: unconditional, so no CFG; the rest is the video recipe.
-    "toy": Recipe(cfg_scale=0.0),
+    # The 2D mixtures: unconditional (no CFG) and no warp (shift 1), chosen by `python -m toy.sweep_2d`.
+    "toy": Recipe(cfg_scale=0.0, shift=1.0),
+    # The video recipe on 2D (shift 5 for 480p video), kept as the ablation `--recipe toy-video`.
+    "toy-video": Recipe(cfg_scale=0.0),
 }
 
 

@@ -15,6 +15,14 @@ takeover that lost a race sees the winner's lock and stops. On one host the atte
 ``flock`` on the folder, held for the few milliseconds an attempt takes, so no attempt reads a lock that another
 is still writing. Under ``torch.distributed`` only rank 0 takes the lock; it then broadcasts the outcome, so the
 other ranks raise too instead of waiting forever in their first collective, and start only once rank 0 holds it.
+
+The lock is re-entrant within a process: the command line holds it over a whole run (clearing an old run's
+files, training, writing the results) and :func:`salt_ref.loop.train` takes it again inside; only the outermost
+release removes it.
+
+The holder is the training process itself, never a launcher: under ``torchrun`` the pid is rank 0's worker, so a
+``torchrun`` killed alone (its workers live on in their own sessions) leaves a lock that still counts as live
+while that worker writes.
 """
 
 from __future__ import annotations
@@ -38,6 +46,8 @@ from salt_ref.checkpoint import CheckpointMismatchError, rank_and_world
 __all__ = ["LOCK_NAME", "RunLock", "RunLockedError"]
 
 LOCK_NAME = ".lock"
+
+_HELD: dict[Path, int] = {}  # locks this process holds, by resolved path, and how deeply they are nested
 
 
 class RunLockedError(CheckpointMismatchError):
@@ -110,6 +120,9 @@ class RunLock:
         self.path = Path(out_dir) / LOCK_NAME
         self.device = torch.device(device)
         self._info: dict[str, Any] | None = None  # set while this process holds the lock
+        self._key = self.path.resolve()
+        self._nested = False  # acquired inside another RunLock on the same folder in this process
+        self._outer = False  # recorded in _HELD by this object (every rank, rank 0 also holds the file)
 
     def _take(self) -> None:
         info = {"pid": os.getpid(), "host": socket.gethostname(), "started": datetime.now(UTC).isoformat()}
@@ -151,9 +164,14 @@ class RunLock:
 
     def acquire(self) -> None:
         """Take the lock (rank 0 only under ``torch.distributed``); :class:`RunLockedError` if a live run has it."""
+        if self._key in _HELD:  # every rank records its holds, so every rank takes this branch together
+            _HELD[self._key] += 1
+            self._nested = True
+            return
         rank, world = rank_and_world()
         if world == 1:
             self._take()
+            _HELD[self._key], self._outer = 1, True
             return
         error: Exception | None = None
         if rank == 0:
@@ -167,9 +185,17 @@ class RunLock:
             raise error
         if failed.item():
             raise RunLockedError(f"{self.path}: rank 0 could not take the run lock; its error says why")
+        _HELD[self._key], self._outer = 1, True
 
     def release(self) -> None:
         """Remove the lock if this process holds it (a lock someone else has since written is left alone)."""
+        if self._nested:
+            self._nested = False
+            _HELD[self._key] -= 1
+            return
+        if self._outer:
+            self._outer = False
+            _HELD.pop(self._key, None)
         info, self._info = self._info, None
         if info is None:
             return

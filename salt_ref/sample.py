@@ -15,11 +15,13 @@ mp4 of ``frames`` frames at 16 fps; per-chunk timings, FPS and (on CUDA) peak me
         --prompt "a red fox in the snow" --frames 81 --memory sink:3+window:12 --rope relative --out video.mp4
 
 Bad input (a missing run or file, an unparsable ``--memory``, a label out of range, ``--frames`` or ``--steps``
-< 1, a full-scale ``--frames`` that is not 4n + 1) prints one ``error:`` line and exits with code 2.
+< 1, a full-scale ``--frames`` that is not 4n + 1, an ``--out`` that is neither ``.gif`` nor ``.mp4``, or ``.mp4``
+without the imageio-ffmpeg package) prints one ``error:`` line and exits with code 2.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -31,6 +33,19 @@ from salt_ref.generate import generate
 
 __all__ = ["main"]
 
+VIDEO_SUFFIXES = (".gif", ".mp4")
+
+
+def _video_out_error(out: Path) -> str | None:
+    """Why ``out`` cannot be written, checked before any work: the suffix, and mp4's ffmpeg plugin."""
+    if out.suffix not in VIDEO_SUFFIXES:
+        return f"--out {out}: the video format comes from the suffix, give .gif or .mp4"
+    if out.suffix == ".mp4" and importlib.util.find_spec("imageio_ffmpeg") is None:
+        return (
+            f"--out {out}: writing .mp4 needs the imageio-ffmpeg package (pip install imageio-ffmpeg); or write a .gif"
+        )
+    return None
+
 
 def main(argv: list[str] | None = None) -> int:
     scale = Parser(add_help=False)
@@ -38,17 +53,26 @@ def main(argv: list[str] | None = None) -> int:
     known, _ = scale.parse_known_args(argv)
     if known.scale == "full":
         return main_full(argv)
-    p = Parser(prog="python -m salt_ref.sample", description=__doc__.split("\n")[0])
+    p = Parser(
+        prog="python -m salt_ref.sample",
+        description="Videos of any length from a trained student, chunk by chunk through the KV cache. These are "
+        "the small scale's flags; for Wan: --scale full --help.",
+    )
     p.add_argument("--scale", choices=("small", "full"), default="small", help="small: a toy-world run; full: Wan")
     p.add_argument("--run", required=True, help="a small-scale run directory (config.json + checkpoint)")
     p.add_argument("--frames", type=positive_int, default=None, help="frames to generate (default: the trained length)")
     p.add_argument(
         "--memory", type=memory_policy, default=None, help="full, window:N or sink:S+window:N (default: the run's)"
     )
-    p.add_argument("--rope", choices=["absolute", "relative"], default=None)
+    p.add_argument(
+        "--rope",
+        choices=["absolute", "relative"],
+        default=None,
+        help="absolute: positions from the video's start; relative: from the memory window's (default: the run's)",
+    )
     p.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the run's recipe)")
     p.add_argument("--label", type=int, nargs="+", default=None, help="class label(s) to generate (default: all)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise")
     p.add_argument("--out", default=None, help="output .gif or .mp4 (default: <run>/sample.gif)")
     try:
         args = p.parse_args(argv)
@@ -57,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     from toy.run_video import load_run
     from toy.video_world import save_video
 
+    out = Path(args.out or Path(args.run) / "sample.gif")
+    if (msg := _video_out_error(out)) is not None:
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
     try:
         model, cfg, prompts = load_run(Path(args.run))
     except (FileNotFoundError, ValueError) as e:
@@ -67,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --label must be in 0..{n_classes - 1}, got {args.label}", file=sys.stderr)
         return 2
     labels = torch.tensor(args.label or list(range(n_classes)))
-    frames = args.frames or cfg.frames
+    frames = cfg.frames if args.frames is None else args.frames
     g = torch.Generator().manual_seed(args.seed)
     try:
         video = generate(
@@ -84,7 +112,6 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = Path(args.out or Path(args.run) / "sample.gif")
     save_video(video, out)
     print(f"wrote {out}: {len(labels)} clips x {frames} frames")
     return 0
@@ -94,7 +121,7 @@ def _full_parser() -> Parser:
     from salt_ref.recipe import PRESETS
 
     p = Parser(prog="python -m salt_ref.sample --scale full", description="a Wan 2.1 video from a causal student")
-    p.add_argument("--scale", choices=("small", "full"), default="full")
+    p.add_argument("--scale", choices=("small", "full"), default="full", help="small: a toy-world run; full: Wan")
     p.add_argument("--student", required=True, help="the causal student (safetensors: python -m salt_ref.convert)")
     p.add_argument("--wan-dir", help="Wan 2.1 folder (umT5 weights + google/umt5-xxl tokenizer, Wan2.1_VAE.pth)")
     p.add_argument("--prompt", help="text prompt (encoded with umT5 here)")
@@ -102,12 +129,17 @@ def _full_parser() -> Parser:
     p.add_argument("--row", type=int, default=0, help="row of --prompts")
     p.add_argument("--frames", type=positive_int, default=81, help="video frames, 4n + 1 (81: 21 latent frames)")
     p.add_argument("--size", default="832x480", help="width x height in pixels (multiples of 16)")
-    p.add_argument("--model", choices=["tiny", "1.3B", "14B"], default="1.3B")
+    p.add_argument("--model", choices=["tiny", "1.3B", "14B"], default="1.3B", help="the student's size")
     p.add_argument("--chunk-frames", type=positive_int, default=3, help="latent frames per chunk (as trained)")
     p.add_argument("--memory", type=memory_policy, default="full", help="full, window:N or sink:S+window:N")
-    p.add_argument("--rope", choices=["absolute", "relative"], default="absolute")
-    p.add_argument("--steps", type=positive_int, default=PRESETS["wan"].sample_steps)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--rope",
+        choices=["absolute", "relative"],
+        default="absolute",
+        help="absolute: positions from the video's start; relative: from the memory window's (as trained)",
+    )
+    p.add_argument("--steps", type=positive_int, default=PRESETS["wan"].sample_steps, help="sampling steps")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise")
     p.add_argument("--vae", help="Wan2.1_VAE.pth or a diffusers VAE folder (default: <wan-dir>/Wan2.1_VAE.pth)")
     p.add_argument("--vae-config", help="JSON of AutoencoderKLWan settings for a .pth VAE (default: Wan 2.1's)")
     p.add_argument("--t5-config", help="UMT5Config JSON for the prompt encoder (default: umT5-XXL)")
@@ -157,6 +189,9 @@ def main_full(argv: list[str] | None = None) -> int:
     from salt_ref.video_io import decode_latents, load_wan_vae, write_mp4
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if (msg := _video_out_error(Path(args.out))) is not None or Path(args.out).suffix != ".mp4":
+        print(f"error: {msg or f'--out {args.out}: the full scale writes .mp4'}", file=sys.stderr)
+        return 2
     try:
         width, height = (int(v) for v in args.size.lower().split("x"))
         if width % 16 or height % 16:

@@ -47,7 +47,7 @@ def _error_line(capsys) -> str:
     [
         (["--method", "gan"], "invalid choice: 'gan'"),
         (["--target", "moon"], "unknown target 'moon'"),
-        (["--iters", "-3"], "--iters must be >= 0"),
+        (["--iters", "-3"], "argument --iters: must be >= 0"),
         (["--target", "missing.json"], "does not exist"),
     ],
 )

@@ -16,7 +16,7 @@ from salt_ref import checkpoint as ckpt
 from salt_ref.loop import CHECKPOINT_NAME, LoopConfig, NonFiniteLossError, loop_fingerprint, train
 from toy.setup_2d import Toy2DConfig, build_task
 
-TINY = dict(batch=32, hidden=16, depth=2, pretrain_iters=20)
+TINY = dict(batch=32, hidden=16, depth=2, pretrain_iters=20, ode_iters=20, ode_pairs=256)
 
 
 def _cfg(method: str = "sc-dmd") -> Toy2DConfig:

@@ -200,7 +200,7 @@ def test_assign_modes_finds_the_mode_and_scales_by_its_std():
 def test_evaluate_2d_reports_every_metric():
     gmm = ring8()
     out = evaluate_2d(_ring8_samples(500, 24), gmm, _ring8_samples(500, 25), generator=_gen(0))
-    assert set(out) == {"sw", "energy", "modes", "hq_share", "off_manifold", "precision", "recall"}
+    assert set(out) == {"sw", "energy", "mode_tv", "modes", "hq_share", "off_manifold", "precision", "recall"}
     assert out["modes"] == 8 and out["precision"] > 0.9 and out["sw"] < 0.5
     bad = _ring8_samples(500, 26)
     bad[:10] = float("nan")

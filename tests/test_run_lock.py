@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from salt_ref import checkpoint as ckpt
-from salt_ref.loop import CHECKPOINT_NAME, METRICS_NAME, LoopConfig, train
+from salt_ref.loop import CHECKPOINT_NAME, METRICS_NAME, SCHEMA_NAME, LoopConfig, train
 from salt_ref.run_lock import LOCK_NAME, RunLock, RunLockedError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,12 +94,12 @@ def test_stale_lock_is_taken_over_and_the_run_completes(tmp_path, content):
     )
     assert result.iterations == 3
     assert {s["pid"] for s in seen} == {os.getpid()}  # held by this run throughout
-    assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_NAME, METRICS_NAME]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_NAME, METRICS_NAME, SCHEMA_NAME]
 
 
 def test_lock_is_gone_after_a_run_and_is_not_in_its_outputs(tmp_path):
     train(_Tiny(), _cfg(), tmp_path, progress=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_NAME, METRICS_NAME]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_NAME, METRICS_NAME, SCHEMA_NAME]
     rows = [json.loads(x) for x in (tmp_path / METRICS_NAME).read_text().splitlines()]
     assert [r["iter"] for r in rows] == [1, 2, 3]
     assert "lock" not in json.dumps(ckpt.read_header(tmp_path / CHECKPOINT_NAME))
@@ -123,6 +123,13 @@ def test_lock_is_gone_after_a_run_that_raised(tmp_path):
     with pytest.raises(FileNotFoundError):  # a failed resume releases it too
         train(_Tiny(), _cfg(), tmp_path / "empty", progress=False, resume=True)
     assert not (tmp_path / "empty" / LOCK_NAME).exists()
+
+
+def test_lock_is_reentrant_in_a_process_and_only_the_outermost_release_removes_it(tmp_path):
+    with RunLock(tmp_path):  # the command line holds it over the whole run; train takes it again inside
+        train(_Tiny(), _cfg(), tmp_path, progress=False)
+        assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+    assert not (tmp_path / LOCK_NAME).exists()
 
 
 def test_a_lock_held_by_another_process_then_released(tmp_path):

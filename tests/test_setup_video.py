@@ -71,16 +71,42 @@ def test_cache_quality_gap_vanishes_when_both_caches_are_written_alike():
     alike = SmallVideoConfig(**{**TINY, "recipe": RECIPE.replace(align_reference_steps=2)})
     same = cache_quality_gap(student, alike, n_per_class=1)  # the "HQ" cache is written by 2 steps too
     assert abs(same["gap_fidelity"]) < 1e-6 and abs(same["lq_motion"] - same["hq_motion"]) < 1e-6
+    assert abs(same["gap_appearance"]) < 1e-6  # the tint drift is read against the same written first chunk
     assert abs(res["gap_fidelity"]) > 1e-6  # 4-step writers make a different cache
+    assert res["gap_appearance"] == pytest.approx(res["lq_appearance"] - res["hq_appearance"])
+
+
+def test_alignment_probe_floor_is_the_probe_when_the_reference_grid_is_the_students():
+    from toy.run_video import alignment_probe
+
+    torch.manual_seed(0)
+    cfg = SmallVideoConfig(**TINY)
+    teacher, student = WanModel(model_config(cfg, causal=False)), WanModel(model_config(cfg, causal=True))
+    res = alignment_probe(student, teacher, cfg, batches=1, batch=2)
+    assert set(res) == {f"{k}{s}" for k in ("loss_align", "ref_mse", "frac_over") for s in ("", "_floor")}
+    assert res["ref_mse"] > 0 and res["ref_mse_floor"] > 0  # the reference path re-noises with other draws
+    alike = SmallVideoConfig(**{**TINY, "recipe": RECIPE.replace(align_reference_steps=2)})
+    same = alignment_probe(student, teacher, alike, batches=1, batch=2)  # the reference grid is the student's
+    for k in ("loss_align", "ref_mse", "frac_over"):
+        assert same[k] == pytest.approx(same[k + "_floor"], abs=1e-7)
+        assert same[k + "_floor"] == pytest.approx(res[k + "_floor"], abs=1e-7)
 
 
 def test_bench_table_has_a_row_per_method_memory_horizon_and_gap():
-    from toy.bench_video import MEMORIES, make_table
+    from toy.bench_video import LOOK, MEMORIES, gap_table, look_table, make_table
 
-    metrics = {h: {"fidelity": 0.1, "motion": 1.0, "class_acc": 1.0, "frechet": 2.0} for h in ("1x", "2x", "4x")}
+    keys = ("fidelity", "motion", "class_acc", "frechet", "appearance", *LOOK, *(f"world_{k}" for k in LOOK))
+    metrics = {h: dict.fromkeys(keys, 0.5) for h in ("1x", "2x", "4x")}
     gap = {"lq_fidelity": 0.3, "hq_fidelity": 0.1, "gap_fidelity": 0.2}
-    run = {"memory": {m: {"metrics": metrics, "drift": [0.1]} for m in MEMORIES}, "gap": {"1x": gap, "4x": gap}}
-    table = make_table({"salt": [run, run], "ode-init": [run]})
+    gap |= {"lq_appearance": 0.25, "hq_appearance": 0.05, "gap_appearance": 0.2}
+    run = {"memory": {m: {"metrics": metrics, "drift": [0.1]} for m in MEMORIES}, "gap": {}}
+    run["gap"] = {m: {"1x": gap, "4x": gap} for m in MEMORIES}
+    results = {"salt": [run, run], "ode-init": [run]}
+    table = make_table(results)
     rows = [r for r in table.splitlines() if r.startswith("| salt |") or r.startswith("| ode-init |")]
-    assert len(rows) == 2 * (len(MEMORIES) * 3 + 2)
-    assert "| salt | 4x | 0.3000 | 0.1000 | +0.2000 ± 0.0000 |" in table
+    assert len(rows) == 2 * len(MEMORIES) * 3
+    gaps = gap_table(results)
+    assert "| salt | full | 4x | 0.2500 | 0.0500 | +0.2000 ± 0.0000 | – | +0.2000 ± 0.0000 |" in gaps
+    assert len([r for r in gaps.splitlines() if r.startswith("| salt |")]) == 2 * len(MEMORIES)
+    look = look_table(results)
+    assert "| world | 1x | 0.500 | 0.500 | 0.500 | 0.500 |" in look

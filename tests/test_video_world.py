@@ -271,10 +271,100 @@ def test_evaluate_video_reports_every_metric(clips):
     video, labels, _ = clips
     ref, _, _ = vw.sample(N, torch.Generator().manual_seed(9), frames=FRAMES, label=labels)
     res = vm.evaluate_video(video, labels, ref)
-    assert set(res) == {"fidelity", "motion", "class_acc", "diversity", "frechet"}
+    assert set(res) == {"fidelity", "motion", "class_acc", "diversity", "frechet", "appearance"} | set(
+        vm.physics_stats(ref)
+    )
+    assert res["appearance"] < 0.01
     assert res["fidelity"] < 1e-6 and res["motion"] < 1e-3 and res["class_acc"] == 1.0
     assert res["diversity"] > 0.5 and res["frechet"] >= 0.0
     noisy = vm.evaluate_video(
         video + 0.3 * torch.randn(video.shape, generator=torch.Generator().manual_seed(11)), labels, ref
     )
     assert noisy["fidelity"] > 0.05 and noisy["frechet"] > res["frechet"]
+
+
+# --- the tinted world: an appearance only the frames carry -----------------------------------------------------
+
+TINTED = vw.VideoWorldConfig(tint=0.9)
+
+
+def test_tint_raises_only_the_off_channels_and_keeps_the_untinted_draws():
+    labels = torch.arange(12) % CFG.n_classes
+    plain, _, s0 = vw.sample(12, torch.Generator().manual_seed(3), config=CFG, frames=6, label=labels)
+    tinted, _, s1 = vw.sample(12, torch.Generator().manual_seed(3), config=TINTED, frames=6, label=labels)
+    for name in ("p0", "v", "radius", "label"):  # the tint is drawn last: motion and class are the untinted world's
+        assert torch.equal(getattr(s0, name), getattr(s1, name))
+    on = CFG.palette[labels] > 0
+    assert torch.equal(s0.colour, CFG.palette[labels])
+    assert (s1.colour[on] == 1).all()
+    assert (s1.colour[~on] >= -1).all() and (s1.colour[~on] <= -1 + 0.9).all()
+    assert s1.colour[~on].std() > 0.2  # per clip, not per class: clips of one class differ
+    assert (s1.colour[labels == 0, 1].unique().numel()) == int((labels == 0).sum())
+    m = vw.disc_mask(vw.trajectory(s1, 6), s1.radius, CFG.size)
+    assert torch.allclose(tinted, -1 + m[:, None] * (s1.colour[:, :, None, None, None] + 1))
+    with pytest.raises(ValueError, match="tint"):
+        vw.VideoWorldConfig(tint=1.0)
+
+
+def test_tinted_clips_fit_exactly_and_keep_their_class():
+    video, labels, state = vw.sample(16, torch.Generator().manual_seed(4), config=TINTED, frames=10)
+    fit = vm.fit_frames(video, config=TINTED)
+    assert (fit.colour - state.colour[:, None]).abs().max() < 0.01  # the tint is read back per frame
+    assert fit.fidelity.max() < 1e-6  # the world fit may draw any tint in range
+    assert vm.class_accuracy(video, labels, config=TINTED) == 1.0
+    assert vm.appearance_error(video, 2, config=TINTED).max() < 0.01
+    # the untinted world's fit snaps the colour to the palette: a tinted clip is not one of its renders
+    assert vm.frame_fidelity(video, config=CFG).mean() > 1e-3
+
+
+def test_world_colour_clamps_off_channels_to_the_tint_range():
+    colour = torch.tensor([[0.3, 0.5, -0.5], [0.9, -1.0, -0.95]])
+    label = torch.tensor([0, 3])  # red (+1, -1, -1), yellow (+1, +1, -1)
+    assert torch.allclose(vm.world_colour(colour, label, TINTED), torch.tensor([[1.0, -0.1, -0.5], [1.0, 1.0, -0.95]]))
+    assert torch.allclose(vm.world_colour(colour, label, CFG), torch.tensor([[1.0, -1.0, -1.0], [1.0, 1.0, -1.0]]))
+
+
+def test_appearance_error_is_the_colour_distance_to_the_first_chunk():
+    state = vw.sample_states(4, TINTED, torch.Generator().manual_seed(5))
+    video = vw.render(state, 8)
+    other = vw.ClipState(state.p0, state.v, state.radius, state.label, state.colour.flip(0), state.size)
+    changed = video.clone()
+    changed[:, :, 4:] = vw.render(other, 8)[:, :, 4:]  # from frame 4 on, another clip's tint (same motion)
+    err = vm.appearance_error(changed, 2, config=TINTED)  # [N, F - 2]
+    assert err.shape == (4, 6) and err[:, :2].max() < 0.01
+    expected = (state.colour - state.colour.flip(0)).norm(dim=-1)
+    assert torch.allclose(err[:, 2:], expected[:, None].expand(-1, 4), atol=0.02)
+    # against a reference (what a cache holds): the error of the unchanged clip is the distance to it
+    assert torch.allclose(
+        vm.appearance_error(video, 2, reference=changed[:, :, :2] * 0 + vw.render(other, 2), config=TINTED),
+        expected[:, None].expand(-1, 6),
+        atol=0.02,
+    )
+    with pytest.raises(ValueError, match="chunk_frames"):
+        vm.appearance_error(video, 8, config=TINTED)
+
+
+def test_physics_stats_of_world_clips_and_of_a_disc_stuck_at_a_wall():
+    video, _, state = vw.sample(64, torch.Generator().manual_seed(6), config=CFG, frames=8)
+    st = vm.physics_stats(video)
+    assert st["speed"] == pytest.approx(float(state.v.norm(dim=1).mean()), abs=0.03)
+    assert st["radius"] == pytest.approx(float(state.radius.mean()), abs=0.01)
+    assert 0.3 < st["bounces"] < 2.0 and st["stuck"] < 0.1
+    r = torch.full((2,), 2.0)
+    wall = vw.ClipState(
+        torch.tensor([[2.0, 7.0], [13.0, 5.0]]),
+        torch.zeros(2, 2),
+        r,
+        torch.zeros(2).long(),
+        CFG.palette[[0, 0]],
+        CFG.size,
+    )  # resting against the left and the right wall
+    st = vm.physics_stats(vw.render(wall, 8))
+    assert st["stuck"] == pytest.approx(1.0) and st["speed"] < 1e-3 and st["bounces"] == 0.0
+    moving = vw.ClipState(
+        torch.tensor([[8.0, 7.0]]), torch.tensor([[1.0, 0.0]]), r[:1], torch.zeros(1).long(), CFG.palette[[0]], CFG.size
+    )  # right wall at 13: bounces once, at frame 5
+    st = vm.physics_stats(vw.render(moving, 12))
+    assert (
+        st["bounces"] == pytest.approx(10 / 10) and st["stuck"] == 0.0 and st["speed"] == pytest.approx(1.0, abs=1e-2)
+    )

@@ -7,10 +7,14 @@ and the speed of generation.
 Every (method, seed) trains one student through ``toy.run_video.run`` (full KV cache during training; the
 teacher and the ODE init are shared and cached). Each trained EMA student is then generated under the memory
 policies ``full``, ``window:4`` and ``sink:2+window:4`` (window-relative RoPE for the bounded ones) at 1x, 2x and
-4x the trained length, and its LQ/HQ cache gap is measured at 1x and 4x (``toy.run_video.cache_quality_gap``).
+4x the trained length, and its LQ/HQ cache gap (tint drift and fidelity, ``toy.run_video.cache_quality_gap``) is
+measured under each policy at 1x and 4x. The students' look (speed, radius, bounces, wall-sticking) is set next to
+the world's own, and Salt's alignment term is probed on fixed draws (``toy.run_video.alignment_probe``).
 An ``ode-init`` row evaluates the student before distillation. A run directory that already holds a checkpoint is
 resumed, so a killed benchmark continues where it stopped and a finished one is only re-evaluated. Writes
-``table.md``, ``results.json``, ``drift.png``, ``speed.md`` and ``speed.png`` into ``--out``.
+``table.md`` (metrics, cache gap, look, alignment), ``results.json``, ``drift.png``, ``samples.png`` (frames of
+each method and memory policy, 4x nearest-neighbour), ``speed.md`` and ``speed.png`` into ``--out``; the site
+shows copies under ``docs/assets/bench_video_*`` and ``docs/assets/video_samples.png``.
 """
 
 from __future__ import annotations
@@ -27,7 +31,15 @@ import numpy as np
 
 MEMORIES = ("full", "window:4", "sink:2+window:4")  # table labels; parsed once into MemoryPolicy where used
 BASELINE = "ode-init"  # the row of the student before distillation (deterministic: evaluated on the first seed)
-METRICS = (("fidelity", "fidelity ↓"), ("motion", "motion ↓"), ("class_acc", "class acc ↑"), ("frechet", "Fréchet ↓"))
+METRICS = (
+    ("fidelity", "fidelity ↓"),
+    ("motion", "motion ↓"),
+    ("class_acc", "class acc ↑"),
+    ("frechet", "Fréchet ↓"),
+    ("appearance", "tint drift ↓"),
+)
+LOOK = ("speed", "radius", "bounces", "stuck")  # physics_stats, set next to the world's own (world_*)
+SAMPLE_CLIPS = [0, 8]  # clips of the evaluation shown in the frame grid (classes 0 and 2, 4 clips per class)
 
 
 def _one(args: tuple[str, int, int, str, dict, int]) -> dict[str, Any]:
@@ -35,8 +47,8 @@ def _one(args: tuple[str, int, int, str, dict, int]) -> dict[str, Any]:
 
     from salt_ref.kv_cache import MemoryPolicy
     from salt_ref.plots import read_metrics
-    from toy.run_video import cache_quality_gap, evaluate_student, load_run, run
-    from toy.setup_video import SmallVideoConfig, distill_loop
+    from toy.run_video import alignment_probe, cache_quality_gap, evaluate_student, load_run, run
+    from toy.setup_video import CACHE_DIR, SmallVideoConfig, distill_loop, get_teacher
 
     method, seed, iters, out, overrides, steps = args
     torch.set_num_threads(1)
@@ -50,12 +62,22 @@ def _one(args: tuple[str, int, int, str, dict, int]) -> dict[str, Any]:
     run(cfg, loop, run_dir, progress=False, resume=(run_dir / "checkpoint.safetensors").exists())
     student, cfg, _ = load_run(run_dir)
     rows = read_metrics(run_dir / "metrics.jsonl")
-    res: dict[str, Any] = {"memory": {}, "train_s": rows[-1]["time_s"] if rows else 0.0}
+    res: dict[str, Any] = {"memory": {}, "train_s": rows[-1]["time_s"] if rows else 0.0, "samples": {}, "gap": {}}
     for memory in MEMORIES:
         rope = "absolute" if memory == "full" else "relative"
-        metrics, _, drift = evaluate_student(student, cfg, memory=MemoryPolicy.parse(memory), rope=rope, steps=steps)
+        policy = MemoryPolicy.parse(memory)
+        metrics, videos, drift = evaluate_student(student, cfg, memory=policy, rope=rope, steps=steps)
         res["memory"][memory] = {"metrics": metrics, "drift": drift.tolist()}
-    res["gap"] = {f"{h}x": cache_quality_gap(student, cfg, frames=h * cfg.frames) for h in (1, 4)}
+        res["samples"][memory] = videos[max(videos)][SAMPLE_CLIPS].clone()  # for the frame grid (not in the JSON)
+        res["gap"][memory] = {
+            f"{h}x": cache_quality_gap(student, cfg, frames=h * cfg.frames, memory=policy, rope=rope) for h in (1, 4)
+        }
+    # the alignment term on fixed draws, and how the logged loss_align moved during training (see docs/results.md)
+    res["align_probe"] = alignment_probe(student, get_teacher(cfg, CACHE_DIR, progress=False), cfg)
+    logged = [row["loss_align"] for row in rows if "loss_align" in row]
+    if len(logged) >= 10:
+        k = max(1, len(logged) // 5)
+        res["align_logged"] = {"first": float(np.mean(logged[:k])), "last": float(np.mean(logged[-k:]))}
     return res
 
 
@@ -131,19 +153,112 @@ def make_table(results: dict[str, list[dict]]) -> str:
                     vals = np.array([r["memory"][memory]["metrics"][h][key] for r in per_seed])
                     cells.append(f"{vals.mean():.3f} ± {vals.std():.3f}")
                 lines.append(f"| {method} | {memory} | {h} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "| method | length | LQ-cache fidelity | HQ-cache fidelity | gap (LQ - HQ) |",
-        "|---|---|---:|---:|---:|",
+    return "\n".join(lines)
+
+
+def _ms(vals: np.ndarray, fmt: str = ".4f") -> str:
+    return f"{vals.mean():{fmt}} ± {vals.std():{fmt.lstrip('+')}}"
+
+
+def gap_table(results: dict[str, list[dict]]) -> str:
+    """LQ- against HQ-cache generations per method, memory policy and length: tint drift and fidelity, the gaps
+    (mean ± spread over seeds, the spread being the std of the per-seed gaps) and gap / spread."""
+    lines = [
+        "| method | memory | length | LQ-cache tint drift | HQ-cache tint drift | tint gap (LQ - HQ) | gap / spread "
+        "| fidelity gap (LQ - HQ) |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for method, per_seed in results.items():
-        for h in per_seed[0]["gap"]:
-            g = {k: np.array([r["gap"][h][k] for r in per_seed]) for k in per_seed[0]["gap"][h]}
-            lines.append(
-                f"| {method} | {h} | {g['lq_fidelity'].mean():.4f} | {g['hq_fidelity'].mean():.4f} | "
-                f"{g['gap_fidelity'].mean():+.4f} ± {g['gap_fidelity'].std():.4f} |"
-            )
+        for memory in MEMORIES:
+            for h in ("1x", "4x"):
+                g = {k: np.array([r["gap"][memory][h][k] for r in per_seed]) for k in per_seed[0]["gap"][memory][h]}
+                gap = g["gap_appearance"]
+                ratio = f"{gap.mean() / gap.std():.1f}" if len(gap) > 1 and gap.std() > 0 else "–"
+                lines.append(
+                    f"| {method} | {memory} | {h} | {g['lq_appearance'].mean():.4f} | {g['hq_appearance'].mean():.4f} "
+                    f"| {_ms(gap, '+.4f')} | {ratio} | {_ms(g['gap_fidelity'], '+.4f')} |"
+                )
     return "\n".join(lines)
+
+
+def look_table(results: dict[str, list[dict]], memory: str = "full") -> str:
+    """Speed, radius, bounces and wall-sticking of the students' videos next to the world's clips' (same fits)."""
+    lines = [
+        "| method | horizon | speed px/frame | radius px | bounces / 10 frames | stuck at wall |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    first = next(iter(results.values()))[0]["memory"][memory]["metrics"]
+    for h in ("1x", "4x"):
+        world = "| world | " + h + " | " + " | ".join(f"{first[h]['world_' + k]:.3f}" for k in LOOK) + " |"
+        lines.append(world)
+        for method, per_seed in results.items():
+            cells = [_ms(np.array([r["memory"][memory]["metrics"][h][k] for r in per_seed]), ".3f") for k in LOOK]
+            lines.append(f"| {method} | {h} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def align_table(results: dict[str, list[dict]]) -> str:
+    """Salt's alignment term on fixed draws (``toy.run_video.alignment_probe``) per student, its floor (the reference
+    path on the student's own 2-step grid: only the re-noising draws differ), and the logged ``loss_align`` over
+    the first and last fifth of training (where the method logs it)."""
+    lines = [
+        "| student | probe loss_align | floor (same grid) | Gram entries over the margin | LQ-HQ output MSE "
+        "| floor MSE | logged loss_align, first fifth -> last fifth |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for method, per_seed in results.items():
+        p = {k: np.array([r["align_probe"][k] for r in per_seed]) for k in per_seed[0]["align_probe"]}
+        logged = [r["align_logged"] for r in per_seed if "align_logged" in r]
+        trend = (
+            f"{np.mean([x['first'] for x in logged]):.4f} -> {np.mean([x['last'] for x in logged]):.4f}"
+            if logged
+            else "–"
+        )
+        lines.append(
+            f"| {method} | {_ms(p['loss_align'])} | {_ms(p['loss_align_floor'])} | {_ms(p['frac_over'], '.3f')} "
+            f"| {_ms(p['ref_mse'])} | {_ms(p['ref_mse_floor'])} | {trend} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_samples(results: dict[str, list[dict]], out_png: Path, world_clips, frames: int = 16, scale: int = 4) -> None:
+    """One row per (method, memory, clip), one column per frame (every other frame of the 4x videos), upscaled
+    ``scale`` times by nearest neighbour, first seed; the world's clips of the same classes on top."""
+    import torch
+
+    from salt_ref.plots import plt
+
+    rows, names = [world_clips], ["world"]
+    for method, per_seed in results.items():
+        for memory in MEMORIES:
+            rows.append(per_seed[0]["samples"][memory])
+            names.append(f"{method}, {memory}")
+    stride = max(1, rows[1].shape[2] // frames)
+    tiles = []
+    for video in rows:  # [K, 3, F, S, S]
+        x = ((video[:, :, ::stride][:, :, :frames].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        x = x.repeat_interleave(scale, -1).repeat_interleave(scale, -2)  # nearest neighbour
+        x = torch.nn.functional.pad(x, (1, 1, 1, 1), value=255)
+        tiles.append(torch.cat([torch.cat(list(clip.unbind(1)), dim=-1) for clip in x], dim=-2))  # [3, K*H, F*W]
+    img = torch.cat(tiles, dim=-2).permute(1, 2, 0).numpy()
+    h_row = tiles[0].shape[-2]
+    fig = plt.figure(figsize=(img.shape[1] / 100 + 2.2, img.shape[0] / 100 + 0.4), dpi=100)
+    ax = fig.add_axes(
+        [
+            2.2 / (img.shape[1] / 100 + 2.2),
+            0.2 / (img.shape[0] / 100 + 0.4),
+            1 - 2.2 / (img.shape[1] / 100 + 2.2),
+            1 - 0.4 / (img.shape[0] / 100 + 0.4),
+        ]
+    )
+    ax.imshow(img, interpolation="nearest")
+    ax.set_yticks([h_row * (i + 0.5) for i in range(len(names))], names, fontsize=8)
+    ax.set_xticks(
+        [(i + 0.5) * img.shape[1] / frames for i in range(frames)], [str(i * stride) for i in range(frames)], fontsize=7
+    )
+    ax.set_xlabel("frame (4x the trained length; every other frame)", fontsize=8)
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
 
 
 def plot_drift(results: dict[str, list[dict]], out_png: Path, trained: int) -> None:
@@ -166,7 +281,8 @@ def plot_drift(results: dict[str, list[dict]], out_png: Path, trained: int) -> N
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m toy.bench_video", description=__doc__.split("\n")[0])
+    summary = " ".join(__doc__.split("\n\n")[0].split())  # the docstring's first paragraph, not its first line
+    p = argparse.ArgumentParser(prog="python -m toy.bench_video", description=summary)
     p.add_argument("--methods", nargs="+", default=["self-forcing", "sc-dmd", "salt"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--iters", type=int, default=150)
@@ -210,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list[dict]] = {}
     for (m, *_), r in zip(jobs, runs, strict=True):
         results.setdefault(m, []).append(r)
-    table = make_table(results)
+    table = "\n\n".join([make_table(results), gap_table(results), look_table(results), align_table(results)])
     cmd = "python -m toy.bench_video " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
     train_min = sum(r["train_s"] for per_seed in results.values() for r in per_seed) / 60
     header = (
@@ -220,9 +336,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     sfx = "" if args.steps == 4 else f"_{args.steps}step"
     (out / f"table{sfx}.md").write_text(header + table + "\n")
+    samples = {m: [r.pop("samples") for r in per_seed] for m, per_seed in results.items()}
     (out / f"results{sfx}.json").write_text(json.dumps(results, indent=1))
     trained = 4 if args.tiny else 8
     plot_drift(results, out / f"drift{sfx}.png", trained)
+    from toy import video_world as vw
+
+    for m, per_seed in results.items():
+        for r, smp in zip(per_seed, samples[m], strict=True):
+            r["samples"] = smp
+    world = shared.world_config()
+    lab = torch.arange(world.n_classes).repeat_interleave(4)
+    clips, _, _ = vw.sample(len(lab), torch.Generator().manual_seed(1235), config=world, frames=4 * trained, label=lab)
+    plot_samples(results, out / f"samples{sfx}.png", clips[SAMPLE_CLIPS])
     if sfx:
         print(header + table)
         return 0

@@ -15,6 +15,7 @@ ODE has the closed-form map ``Phi_{t->s}(x) = a_s mu + (S_s / S_t)(x - a_t mu)``
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -25,7 +26,17 @@ from torch import Tensor
 
 from salt_ref.schedule import append_dims
 
-__all__ = ["GaussianMixture", "ring8", "grid25", "make_target", "gaussian_flow_map", "TARGETS"]
+__all__ = [
+    "GaussianMixture",
+    "ring8",
+    "grid25",
+    "mix5",
+    "make_target",
+    "read_mixture_file",
+    "target_fingerprint",
+    "gaussian_flow_map",
+    "TARGETS",
+]
 
 
 @dataclass
@@ -81,6 +92,11 @@ class GaussianMixture:
         e_x0 = self.means.to(x)[None] + a * stds2 / s2 * resid
         return (r[..., None] * (e_eps - e_x0)).sum(1)
 
+    def responsibilities(self, x: Tensor) -> Tensor:
+        """Posterior ``r_k(x) = P(k | x0 = x)`` of the clean mixture (``sigma = 0``), ``[N, D] -> [N, K]``."""
+        r, *_ = self._posterior(x, torch.zeros(x.shape[0], dtype=x.dtype, device=x.device))
+        return r
+
     def denoise(self, x: Tensor, sigma: Tensor | float) -> Tensor:
         """Exact posterior mean ``E[x0 | x_sigma = x]`` ``[B, D]``."""
         sigma = append_dims(sigma, x).reshape(-1).expand(x.shape[0])
@@ -106,23 +122,103 @@ def grid25(spacing: float = 1.0, std: float = 0.08) -> GaussianMixture:
     return GaussianMixture(means, torch.full((25,), std), torch.ones(25))
 
 
-TARGETS = {"ring8": ring8, "grid25": grid25}
+def mix5() -> GaussianMixture:
+    """Five modes with unequal weights (0.40 ... 0.05) and widths (0.05 ... 0.35): the heaviest mode is narrow,
+    a wide one sits next to it, and the rarest mode is far out, so a sampler that lets a wide or heavy mode
+    swallow mass (DMD's reverse-KL failure) shows it in the mode shares."""
+    means = torch.tensor([[-1.5, 0.0], [0.8, 1.2], [1.2, -1.4], [-0.4, -2.2], [-1.4, 2.2]])
+    stds = torch.tensor([0.08, 0.35, 0.15, 0.05, 0.20])
+    weights = torch.tensor([0.40, 0.20, 0.20, 0.15, 0.05])
+    return GaussianMixture(means, stds, weights)
+
+
+TARGETS = {"ring8": ring8, "grid25": grid25, "mix5": mix5}
 
 
 def make_target(spec: str) -> GaussianMixture:
-    """A preset name (``ring8``, ``grid25``) or a path to a JSON file ``{"means", "stds", "weights"}``."""
+    """A preset name (see ``TARGETS``) or a path to a JSON mixture file (:func:`read_mixture_file`)."""
     if spec in TARGETS:
         return TARGETS[spec]()
-    path = Path(spec)
-    if path.suffix == ".json":
-        if not path.is_file():
-            raise ValueError(f"target file {spec!r} does not exist")
-        data = json.loads(path.read_text())
-        missing = {"means", "stds", "weights"} - set(data)
-        if missing:
-            raise ValueError(f"target file {spec!r} lacks keys {sorted(missing)}")
-        return GaussianMixture(torch.tensor(data["means"]), torch.tensor(data["stds"]), torch.tensor(data["weights"]))
+    if Path(spec).suffix == ".json":
+        return read_mixture_file(spec)
     raise ValueError(f"unknown target {spec!r}; choose one of {sorted(TARGETS)} or a .json mixture file")
+
+
+_MIXTURE_KEYS = ("means", "stds", "weights")
+_JSON_TYPE = {
+    type(None): "null",
+    int: "a number",
+    float: "a number",
+    str: "a string",
+    list: "a list",
+    bool: "a boolean",
+}
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _numbers(src: str, key: str, value: object, k: int, *, positive: bool) -> list[float]:
+    """``value`` as ``k`` finite numbers (a single number stands for all ``k``), > 0 or >= 0."""
+    items = [value] * k if _is_number(value) else value
+    if not isinstance(items, list) or not all(_is_number(v) for v in items):
+        raise ValueError(f"target file {src}: {key!r} must be a number or a list of {k} numbers, got {value!r}")
+    if len(items) != k:
+        raise ValueError(f"target file {src}: {key!r} has {len(items)} entries for {k} means")
+    bad = [v for v in items if not math.isfinite(v) or (v <= 0 if positive else v < 0)]
+    if bad:
+        want = "positive" if positive else "non-negative"
+        raise ValueError(f"target file {src}: {key!r} must be finite and {want}, got {bad[0]!r}")
+    return [float(v) for v in items]
+
+
+def read_mixture_file(path: str | Path) -> GaussianMixture:
+    """A 2D mixture from a JSON file ``{"means": [[x, y], ...], "stds": [...], "weights": [...]}``.
+
+    ``stds`` and ``weights`` are a number (the same for every mode) or one entry per mean; every value must be
+    finite (JSON's ``NaN``/``Infinity`` are refused), stds positive, weights non-negative with a positive sum.
+    The means must be 2D points: the toy's metrics and plots are 2D. Any other content raises ``ValueError``
+    naming the file and the field.
+    """
+    src = str(path)
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"target file {src!r} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"target file {src} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        what = _JSON_TYPE.get(type(data), type(data).__name__)
+        raise ValueError(f"target file {src}: expected a JSON object {{means, stds, weights}}, got {what}")
+    missing = [k for k in _MIXTURE_KEYS if k not in data]
+    unknown = sorted(set(data) - set(_MIXTURE_KEYS))
+    if missing or unknown:
+        raise ValueError(f"target file {src}: missing keys {missing}, unknown keys {unknown}")
+    means = data["means"]
+    if not isinstance(means, list) or not means:
+        raise ValueError(f"target file {src}: 'means' must be a non-empty list of [x, y] points, got {means!r}")
+    for i, m in enumerate(means):
+        if not isinstance(m, list) or len(m) != 2 or not all(_is_number(v) and math.isfinite(v) for v in m):
+            raise ValueError(
+                f"target file {src}: 'means'[{i}] must be a 2D point [x, y] of finite numbers (the toy is 2D), "
+                f"got {m!r}"
+            )
+    k = len(means)
+    stds = _numbers(src, "stds", data["stds"], k, positive=True)
+    weights = _numbers(src, "weights", data["weights"], k, positive=False)
+    if sum(weights) <= 0:
+        raise ValueError(f"target file {src}: 'weights' must have a positive sum")
+    return GaussianMixture(torch.tensor(means, dtype=torch.float32), torch.tensor(stds), torch.tensor(weights))
+
+
+def target_fingerprint(spec: str) -> str | None:
+    """SHA-256 of a mixture file's contents (``None`` for a preset): a resume must see the same mixture, not
+    just the same path."""
+    if spec in TARGETS:
+        return None
+    return hashlib.sha256(Path(spec).read_bytes()).hexdigest()
 
 
 def gaussian_flow_map(x: Tensor, sigma_t: float, sigma_s: float, mu: Tensor, c: float) -> Tensor:

@@ -6,7 +6,11 @@ Fréchet distance on physics features, the drift curve), writing ``config.json``
 recipe), GIFs, ``loss.png`` and ``drift.png``. ``cache_quality_gap`` is the LQ/HQ cache experiment: chunks of the
 LQ list (2 steps) under a cache written by their own outputs vs by 4-step outputs of the same chunks::
 
-    gap_fidelity = fidelity(video | LQ cache) - fidelity(video | HQ cache)
+    gap_fidelity   = fidelity(video | LQ cache) - fidelity(video | HQ cache)
+    gap_appearance = appearance(video | LQ cache) - appearance(video | HQ cache)
+
+``appearance`` is how far later chunks stray from the per-clip tint of the first chunk in the cache
+(``toy.video_metrics.appearance_error``): in the tinted world only the cache carries it.
 
 Videos ``[B, 3, F, H, W]`` in [-1, 1].
 """
@@ -39,7 +43,7 @@ from toy.setup_video import (
     model_config,
 )
 
-__all__ = ["HORIZONS", "evaluate_student", "run", "load_run", "cache_quality_gap"]
+__all__ = ["HORIZONS", "evaluate_student", "run", "load_run", "cache_quality_gap", "alignment_probe"]
 
 HORIZONS = (1, 2, 4)
 
@@ -58,7 +62,8 @@ def evaluate_student(
     """Metrics at each horizon (x the trained length), the videos, and the drift curve of the longest.
 
     Sampling follows ``cfg.recipe`` (``steps`` defaults to its ``sample_steps``), under ``memory`` and ``rope``
-    (default: the run's).
+    (default: the run's). Each horizon's metrics also hold the world's own ``physics_stats`` (``world_speed``,
+    ``world_radius``, ``world_bounces``, ``world_stuck``) of the reference clips.
     """
     world = cfg.world_config()
     mcfg = student.config
@@ -82,7 +87,10 @@ def evaluate_student(
         ref, _, _ = vw.sample(
             len(labels), torch.Generator().manual_seed(seed + 1), config=world, frames=frames, label=labels
         )
-        results[f"{h}x"] = vm.evaluate_video(video, labels, ref, config=world)
+        res = vm.evaluate_video(video, labels, ref, config=world, chunk_frames=cfg.chunk_frames)
+        # the world's own look, measured the same way on its clips: the students' speed/radius/bounces sit next to it
+        res.update({f"world_{k}": v for k, v in vm.physics_stats(ref, config=world).items()})
+        results[f"{h}x"] = res
         videos[h] = video
     return results, videos, vm.drift_curve(videos[max(horizons)])
 
@@ -104,8 +112,17 @@ def run(
     teacher = get_teacher(cfg, cache_dir, progress=progress)
     init = get_student_init(cfg, teacher, cache_dir, progress=progress)
     task = build_task(cfg, teacher, init)
-    (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
-    result = train(task, loop_cfg, out_dir, fingerprint={"small": cfg.to_dict()}, resume=resume, progress=progress)
+    if not resume:  # a resume keeps the run's own (a refused one, with other settings, must not change it)
+        (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    result = train(
+        task,
+        loop_cfg,
+        out_dir,
+        fingerprint={"small": cfg.to_dict()},
+        resume=resume,
+        progress=progress,
+        desc=f"3/3 distill ({cfg.method})",
+    )
     metrics, videos, drift = evaluate_student(result.ema.eval(), cfg)
     final = {
         "iterations": result.iterations,
@@ -162,6 +179,7 @@ def cache_quality_gap(
     n_per_class: int = 4,
     frames: int | None = None,
     memory: MemoryPolicy | None = None,
+    rope: str | None = None,
     seed: int = 4321,
 ) -> dict[str, float]:
     """Quality of LQ-list chunks (the recipe's ``align_steps``, 2) under an LQ cache written by their own outputs,
@@ -175,6 +193,10 @@ def cache_quality_gap(
     so motion across its chunk boundaries (and the Fréchet distance built on it) measures that splice, not the
     cache's effect. ``frames`` defaults to the trained length; longer rollouts
     accumulate the cache's effect over more chunks.
+
+    ``{lq,hq}_appearance`` is :func:`toy.video_metrics.appearance_error` of the shown chunks after the first
+    against the first chunk *as written into that path's cache* (the 2-step output for LQ, the 4-step one for HQ):
+    how well later chunks keep the per-clip tint the memory holds; ``gap_appearance`` is LQ - HQ.
     """
     r = cfg.recipe
     world = cfg.world_config()
@@ -185,11 +207,18 @@ def cache_quality_gap(
     noise = torch.randn(
         len(labels), mcfg.in_dim, frames, cfg.size, cfg.size, generator=torch.Generator().manual_seed(seed)
     )
-    flow = WanCausalFlow(student, prompts.embed(labels), policy=memory or cfg.memory, rope=cfg.rope)
+    flow = WanCausalFlow(student, prompts.embed(labels), policy=memory or cfg.memory, rope=rope or cfg.rope)
     hq_grid = r.sigmas(r.align_reference_steps)
 
+    written: dict[str, list[Tensor]] = {"lq": [], "hq": []}
+
+    def lq_writer(flow_c, x0, noise_c, replay):
+        written["lq"].append(x0)
+        return x0  # what the LQ path writes anyway (the writer draws nothing, so the rollout is unchanged)
+
     def hq_writer(flow_c, x0, noise_c, replay):
-        return rollout(flow_c, noise_c, hq_grid, generator=replay, grad_exit=False).x0
+        written["hq"].append(rollout(flow_c, noise_c, hq_grid, generator=replay, grad_exit=False).x0)
+        return written["hq"][-1]
 
     videos = {
         q: chunked_rollout(
@@ -201,14 +230,75 @@ def cache_quality_gap(
             context_sigma=r.context_sigma,
             writer=writer,
         ).x0
-        for q, writer in (("lq", None), ("hq", hq_writer))
+        for q, writer in (("lq", lq_writer), ("hq", hq_writer))
     }
     ref, _, _ = vw.sample(
         len(labels), torch.Generator().manual_seed(seed + 1), config=world, frames=frames, label=labels
     )
     res = {}
     for q, video in videos.items():
-        for k, v in vm.evaluate_video(video, labels, ref, config=world).items():
+        for k, v in vm.evaluate_video(video, labels, ref, config=world, chunk_frames=cfg.chunk_frames).items():
             res[f"{q}_{k}"] = v
+        cache = torch.cat(written[q], dim=2)
+        res[f"{q}_appearance"] = float(
+            vm.appearance_error(video, cfg.chunk_frames, reference=cache, config=world).mean()
+        )
     res["gap_fidelity"] = res["lq_fidelity"] - res["hq_fidelity"]
+    res["gap_appearance"] = res["lq_appearance"] - res["hq_appearance"]
     return res
+
+
+@torch.no_grad()
+def alignment_probe(
+    student: WanModel, teacher: WanModel, cfg: SmallVideoConfig, *, batches: int = 8, batch: int = 4, seed: int = 99
+) -> dict[str, float]:
+    """Salt's alignment term measured on fixed draws (no training): what ``loss_align`` would log for ``student``.
+
+    Exactly the training draw (the recipe's 2-step list exiting at its second step, the 4-step reference path with
+    its own cache, the teacher's block features, TRD with the recipe's margin), on ``batches`` fixed batches of
+    ``batch`` prompts, so students at different points of training are compared on the same noise. Also returns
+    ``ref_mse``, the pixel MSE between the student's chunk outputs and the reference path's, ``frac_over``,
+    the share of Gram entries whose difference exceeds the margin (the only ones the loss sees), and the same three
+    with the suffix ``_floor`` for a reference path on the student's own 2-step grid (same draws otherwise). That
+    path differs from the student's only by its re-noising draws (``chunked_rollout`` gives the reference path
+    the generator's next draws, not the student's), so the floor is the part of ``loss_align`` that is sampling
+    noise between two different samples, not cache or step quality.
+    """
+    from salt_ref.feature_align import sample_align_sigmas
+    from salt_ref.schedule import add_noise, randn_like, sigma_to_t
+
+    r = cfg.recipe
+    world = cfg.world_config()
+    mcfg = student.config
+    prompts = ClassPrompts(world, mcfg.text_len, mcfg.text_dim)
+    g = torch.Generator().manual_seed(seed)
+    out = {f"{k}{sfx}": 0.0 for k in ("loss_align", "ref_mse", "frac_over") for sfx in ("", "_floor")}
+    for _ in range(batches):
+        ctx, _ = prompts.sample(batch, g)
+        noise = torch.randn(batch, mcfg.in_dim, cfg.frames, cfg.size, cfg.size, generator=g)
+        flow = WanCausalFlow(student, ctx, policy=cfg.memory, rope=cfg.rope)
+        start = g.get_state()
+        for sfx, ref_steps in (("_floor", r.align_steps), ("", r.align_reference_steps)):
+            g.set_state(start)  # both probes see the same draws
+            ro = chunked_rollout(
+                flow,
+                noise,
+                r.sigmas(r.align_steps),
+                exit_index=r.align_exit,
+                generator=g,
+                grad_exit=False,
+                reference_sigmas=r.sigmas(ref_steps),
+                context_sigma=r.context_sigma,
+            )
+            sigma = sample_align_sigmas(batch, shift=r.shift, t_max=r.align_t_max, generator=g)
+            eps = randn_like(ro.x0, g)
+            z = []
+            for x in (ro.x0, ro.x0_ref):
+                xs = add_noise(x, eps, sigma)
+                h = teacher(xs, sigma_to_t(sigma), ctx, features=(r.align_block,), features_only=True)[r.align_block]
+                z.append(torch.nn.functional.normalize(h.unflatten(1, (cfg.frames, -1)), dim=-1))
+            diff = (z[0] @ z[0].transpose(-1, -2) - z[1] @ z[1].transpose(-1, -2)).abs()
+            out["loss_align" + sfx] += float(torch.relu(diff - r.align_margin).mean()) / batches
+            out["frac_over" + sfx] += float((diff > r.align_margin).float().mean()) / batches
+            out["ref_mse" + sfx] += float((ro.x0 - ro.x0_ref).pow(2).mean()) / batches
+    return out

@@ -32,29 +32,37 @@ from salt_ref.metrics import rollout_composition_defect
 from salt_ref.models.mlp import MLPConfig, TimeMLP
 from salt_ref.recipe import PRESETS, Recipe
 from salt_ref.sc_dmd import coarse_boundaries
-from salt_ref.schedule import add_noise, sample_sigmas
-from salt_ref.updates import FlowFn, sample
+from salt_ref.schedule import add_noise, sample_sigmas, x0_from_flow
+from salt_ref.updates import FlowFn, ddim_update, sample
 from toy.gmm import GaussianMixture, make_target
-from toy.metrics_2d import evaluate_2d
+from toy.metrics_2d import METRICS_ABOUT, evaluate_2d
 
 __all__ = [
     "TOY_LOOP",
     "Toy2DConfig",
     "Toy2DTask",
+    "Toy2DInit",
+    "ode_pairs",
+    "fit_ode",
+    "bare_init",
     "toy_loop",
     "fit_flow",
     "make_teacher",
     "build_init",
     "build_task",
+    "eval_seed",
     "evaluate",
+    "references",
     "run",
 ]
 
 EVAL_STEPS = (1, 2, 4)
+EVAL_SEED = 1234
+TEACHER_STEPS = 50  # the exact teacher's reference: DDIM with this many steps on the recipe's grid
 
-# Toy optimisation defaults: the recipe's ratios (5 critic updates, EMA 0.99, clip 10, betas (0, 0.999))
-# at learning rates that move a 2D MLP in hundreds rather than thousands of iterations.
-TOY_LOOP = {"iters": 1000, "lr_gen": 3e-4, "lr_critic": 1e-3, "ema_start": 100, "ckpt_every": 100, "log_every": 5}
+# Toy optimisation defaults: the recipe's ratios (5 critic updates, EMA 0.99, clip 10, betas (0, 0.999)) at
+# learning rates and a budget for a 2D MLP that starts from the ODE init, the base of `python -m toy.sweep_2d`.
+TOY_LOOP = {"iters": 300, "lr_gen": 1e-4, "lr_critic": 1e-3, "ema_start": 50, "ckpt_every": 100, "log_every": 5}
 
 
 def toy_loop(seed: int = 0, **changes: Any) -> LoopConfig:
@@ -75,6 +83,10 @@ class Toy2DConfig:
     recipe: Recipe = field(default_factory=lambda: PRESETS["toy"])
     pretrain_iters: int = 1500
     pretrain_lr: float = 1e-3
+    init: str = "ode"  # the student's start: "ode" regression on teacher ODE pairs, or the "flow" pre-fit
+    ode_iters: int = 1500
+    ode_pairs: int = 16_384
+    ode_grid_steps: int = 64  # the exact teacher's DDIM grid for the pairs (holds every training level)
     teacher_iters: int = 3000
     cd_steps: int = 64
     eval_samples: int = 2000
@@ -87,10 +99,12 @@ class Toy2DConfig:
         if isinstance(self.recipe, dict):  # read back from a run's JSON
             self.recipe = Recipe.from_dict(self.recipe)
         self.recipe = self.recipe.for_method(self.method)
+        if self.init not in ("ode", "flow"):
+            raise ValueError(f"unknown init {self.init!r}; choose 'ode' or 'flow'")
         if self.teacher not in ("exact", "mlp"):
             raise ValueError(f"unknown teacher {self.teacher!r}; choose 'exact' or 'mlp'")
-        if self.batch < 1 or self.pretrain_iters < 0 or self.teacher_iters < 0:
-            raise ValueError("batch must be >= 1 and iteration counts >= 0")
+        if self.batch < 1 or min(self.pretrain_iters, self.teacher_iters, self.ode_iters) < 0 or self.ode_pairs < 1:
+            raise ValueError("batch and ode_pairs must be >= 1 and iteration counts >= 0")
 
 
 def fit_flow(
@@ -150,10 +164,10 @@ def make_teacher(cfg: Toy2DConfig, gmm: GaussianMixture, generator: torch.Genera
 class Toy2DTask:
     """The loop's ``Task`` for the 2D toy: student, critic and the chosen objective."""
 
-    def __init__(self, cfg: Toy2DConfig, gmm: GaussianMixture, teacher: FlowFn, init: nn.Module):
+    def __init__(self, cfg: Toy2DConfig, gmm: GaussianMixture, teacher: FlowFn, init: Toy2DInit):
         self.cfg, self.gmm, self.teacher = cfg, gmm, teacher
-        self.generator = copy.deepcopy(init)
-        self.critic = copy.deepcopy(init) if cfg.method != "cd" else None
+        self.generator = copy.deepcopy(init.student if cfg.method != "cd" else init.critic)
+        self.critic = copy.deepcopy(init.critic) if cfg.method != "cd" else None
         gen_flow = as_flow(self.generator)
         if cfg.method == "cd":
             self.cd_grid = cfg.recipe.sigmas(cfg.cd_steps)
@@ -179,12 +193,66 @@ class Toy2DTask:
         return self.objective.critic_loss(rng.local, shared=rng.shared)
 
 
-def build_init(cfg: Toy2DConfig, gmm: GaussianMixture, teacher: FlowFn) -> nn.Module:
-    """The teacher-initialised MLP every method starts from (seeded by ``cfg.seed``)."""
+@dataclass
+class Toy2DInit:
+    """Where training starts: the ``student`` (ODE- or flow-initialised) and the ``critic`` (the teacher's fit)."""
+
+    student: nn.Module
+    critic: nn.Module
+
+
+@torch.no_grad()
+def ode_pairs(teacher: FlowFn, noise: Tensor, grid: Tensor, levels: Tensor) -> tuple[Tensor, Tensor]:
+    """The teacher's DDIM path along ``grid [S + 1]`` from ``noise [N, D]``: states at ``levels [K]`` ``[N, K, D]``
+    and endpoints ``[N, D]``. Every level must be a point of the grid."""
+    idx = [int(torch.argmin((grid - lv).abs())) for lv in levels.tolist()]
+    if any(abs(float(grid[i]) - lv) > 1e-6 for i, lv in zip(idx, levels.tolist(), strict=True)):
+        raise ValueError(f"ODE levels {levels.tolist()} are not all on the {grid.numel() - 1}-step grid")
+    x, states = noise, {}
+    for i in range(grid.numel() - 1):
+        states[i] = x
+        sigma = grid[i].expand(x.shape[0])
+        x = ddim_update(x, sigma, grid[i + 1], teacher(x, sigma))
+    return torch.stack([states[i] for i in idx], dim=1), x
+
+
+def fit_ode(model: nn.Module, teacher: FlowFn, cfg: Toy2DConfig, dim: int, generator: torch.Generator) -> nn.Module:
+    """ODE initialisation (as Self-Forcing's at video scale): regress the student's endpoint at the teacher's ODE
+    states onto the ODE's own endpoint, at every level of the recipe's training lists,
+
+        min E_{z, sigma_j} || x0_theta(x_j, sigma_j) - Phi(z) ||^2,     x_j = the ODE state of z at sigma_j,
+
+    so the student maps each noise to the mode the teacher's ODE sends it to (the teacher's mode shares) before
+    DMD sharpens it. ``cfg.ode_pairs`` paths on the ``cfg.ode_grid_steps`` grid, ``cfg.ode_iters`` steps.
+    """
+    r = cfg.recipe
+    levels = sorted({float(v) for n in r.steps for v in r.sigmas(n)[:-1]}, reverse=True)
+    levels_t = torch.tensor(levels)
+    noise = torch.randn(cfg.ode_pairs, dim, generator=generator)
+    states, endpoint = ode_pairs(teacher, noise, r.sigmas(cfg.ode_grid_steps), levels_t)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(cfg.ode_iters, 1))
+    flow = as_flow(model)
+    for _ in range(cfg.ode_iters):
+        i = torch.randint(cfg.ode_pairs, (cfg.batch,), generator=generator)
+        j = torch.randint(len(levels), (cfg.batch,), generator=generator)
+        x, sigma = states[i, j], levels_t[j]
+        loss = (x0_from_flow(x, sigma, flow(x, sigma)) - endpoint[i]).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return model.requires_grad_(True)
+
+
+def build_init(cfg: Toy2DConfig, gmm: GaussianMixture, teacher: FlowFn) -> Toy2DInit:
+    """Every method's start for seed ``cfg.seed``: an MLP pre-fitted to the teacher's flow (the critic's start,
+    as the fake score starts from the teacher), and the student: that fit, then ODE-initialised if
+    ``cfg.init == "ode"``."""
     torch.manual_seed(cfg.seed)
     model = TimeMLP(MLPConfig(dim=gmm.dim, hidden=cfg.hidden, depth=cfg.depth))
     g = torch.Generator().manual_seed(cfg.seed + 10_000)
-    return fit_flow(
+    critic = fit_flow(
         model,
         gmm,
         cfg.pretrain_iters,
@@ -194,14 +262,25 @@ def build_init(cfg: Toy2DConfig, gmm: GaussianMixture, teacher: FlowFn) -> nn.Mo
         shift=cfg.recipe.shift,
         generator=g,
     )
+    student = copy.deepcopy(critic)
+    if cfg.init == "ode" and cfg.method != "cd":  # CD distils the teacher's flow itself: it starts from the fit
+        fit_ode(student, teacher, cfg, gmm.dim, torch.Generator().manual_seed(cfg.seed + 30_000))
+    return Toy2DInit(student, critic)
 
 
-def build_task(cfg: Toy2DConfig, init: nn.Module | None = None) -> Toy2DTask:
+def build_task(cfg: Toy2DConfig, init: Toy2DInit | None = None) -> Toy2DTask:
+    """The loop's task for ``cfg`` (the init is built unless given)."""
     gmm = make_target(cfg.target)
     teacher = make_teacher(cfg, gmm, torch.Generator().manual_seed(cfg.seed + 20_000))
     if init is None:
         init = build_init(cfg, gmm, teacher)
     return Toy2DTask(cfg, gmm, teacher, init)
+
+
+def eval_seed(seed: int) -> int:
+    """The evaluation draw of run seed ``seed``: every seed its own reference set and noise, shared by every
+    method of that seed (paired), so a spread over seeds includes the evaluation's own noise."""
+    return EVAL_SEED + 7919 * seed
 
 
 @torch.no_grad()
@@ -211,30 +290,54 @@ def evaluate(
     recipe: Recipe,
     *,
     n: int = 2000,
+    n_modes: int = 20_000,
     steps: tuple[int, ...] = EVAL_STEPS,
     mode: str = "renoise",
-    seed: int = 1234,
+    seed: int = 0,
 ) -> tuple[dict[str, dict[str, float]], dict[int, Tensor]]:
-    """Metrics per step count (``{"1": {...}, "2": ..., "defect": ...}``) and the samples ``{n: [N, 2]}``.
+    """Metrics per step count (``{"1": {...}, "2": ..., "composition_defect": ...}``) and samples ``{k: [N, D]}``.
 
-    The same starting noise and sampler noise are used for every model, so differences are the models'. Every
-    grid is ``recipe``'s (its shift; the composition defect on its SC fine list and segments).
+    ``n_modes`` samples are drawn from noise of :func:`eval_seed` (``seed``), the distances use their first ``n``
+    against ``n`` fresh target samples, the mode metrics use all (see ``toy.metrics_2d.evaluate_2d``). Every model
+    evaluated with one ``seed`` sees the same noise, so differences are the models'. Every grid is ``recipe``'s
+    (its shift; the composition defect on its SC fine list and segments, DDIM, first ``n`` noises).
     """
-    ref = gmm.sample(n, torch.Generator().manual_seed(seed + 1))
-    noise = torch.randn(n, gmm.dim, generator=torch.Generator().manual_seed(seed))
+    base = eval_seed(seed)
+    ref = gmm.sample(n, torch.Generator().manual_seed(base + 1))
+    noise = torch.randn(max(n, n_modes), gmm.dim, generator=torch.Generator().manual_seed(base))
     results: dict[str, dict[str, float]] = {}
     samples: dict[int, Tensor] = {}
     for k in steps:
-        x = sample(flow_fn, noise, recipe.sigmas(k), mode=mode, generator=torch.Generator().manual_seed(seed + 2))
+        x = sample(flow_fn, noise, recipe.sigmas(k), mode=mode, generator=torch.Generator().manual_seed(base + 2))
         samples[k] = x
-        results[str(k)] = evaluate_2d(x, gmm, ref, generator=torch.Generator().manual_seed(seed + 3))
+        results[str(k)] = evaluate_2d(x, gmm, ref, generator=torch.Generator().manual_seed(base + 3))
     fine = recipe.sigmas(recipe.sc_fine_steps)
     results["composition_defect"] = {
         "ddim": rollout_composition_defect(
-            flow_fn, noise, fine, coarse_boundaries(fine, recipe.sc_segments), mode="ddim"
+            flow_fn, noise[:n], fine, coarse_boundaries(fine, recipe.sc_segments), mode="ddim"
         )
     }
     return results, samples
+
+
+@torch.no_grad()
+def references(
+    gmm: GaussianMixture, recipe: Recipe, *, n: int = 2000, n_modes: int = 20_000, seed: int = 0
+) -> dict[str, dict[str, Any]]:
+    """What a student is measured against, on :func:`evaluate`'s draw of ``seed``.
+
+    ``teacher``: the exact flow sampled with :data:`TEACHER_STEPS` DDIM steps (DDIM: the re-noise sampler with the
+    exact flow is biased, its re-noised posterior means are not samples). ``data``: fresh target samples scored
+    like a model, the finite-sample floor of every metric.
+    """
+    teacher, _ = evaluate(gmm.flow, gmm, recipe, n=n, n_modes=n_modes, steps=(TEACHER_STEPS,), mode="ddim", seed=seed)
+    base = eval_seed(seed)
+    data = gmm.sample(max(n, n_modes), torch.Generator().manual_seed(base + 4))
+    ref = gmm.sample(n, torch.Generator().manual_seed(base + 1))
+    floor = evaluate_2d(data, gmm, ref, generator=torch.Generator().manual_seed(base + 3))
+    return {"teacher": teacher[str(TEACHER_STEPS)] | {"steps": TEACHER_STEPS,
+                                                      "composition_defect": teacher["composition_defect"]["ddim"]},
+            "data": floor}  # fmt: skip
 
 
 def run(
@@ -244,28 +347,43 @@ def run(
     *,
     resume: bool = False,
     progress: bool = True,
-    init: nn.Module | None = None,
+    init: Toy2DInit | None = None,
+    with_references: bool = True,
 ) -> tuple[LoopResult, dict[str, Any]]:
-    """Train, evaluate the EMA student, and write ``final_metrics.json`` into ``out_dir``."""
+    """Train, evaluate the EMA student, and write ``final_metrics.json`` into ``out_dir``.
+
+    ``with_references`` adds :func:`references` (the exact teacher and the data floor on the same evaluation
+    draw; a benchmark computes them once per seed instead)."""
     out_dir = Path(out_dir)
-    task = build_task(cfg, init if not resume else _placeholder_init(cfg))
-    result = train(task, loop_cfg, out_dir, fingerprint={"toy": asdict(cfg)}, resume=resume, progress=progress)
-    metrics, samples = evaluate(as_flow(result.ema.eval()), task.gmm, cfg.recipe, n=cfg.eval_samples)
+    task = build_task(cfg, init if not resume else bare_init(cfg))
+    from toy.gmm import target_fingerprint
+
+    # a mixture file's contents, not only its path: a file edited between a run and its --resume is another target
+    # (presets have no file: their fingerprint stays as it was, so their earlier runs still resume)
+    fingerprint: dict[str, Any] = {"toy": asdict(cfg)}
+    if (sha := target_fingerprint(cfg.target)) is not None:
+        fingerprint["target_sha256"] = sha
+    result = train(task, loop_cfg, out_dir, fingerprint=fingerprint, resume=resume, progress=progress)
+    metrics, samples = evaluate(as_flow(result.ema.eval()), task.gmm, cfg.recipe, n=cfg.eval_samples, seed=cfg.seed)
     final = {
         "iterations": result.iterations,
         "method": cfg.method,
         "target": cfg.target,
         "metrics": metrics,
+        "about": METRICS_ABOUT,
         "last_logs": result.last_logs,
         "recipe": cfg.recipe.to_dict(),
     }
+    if with_references:
+        final["reference"] = references(task.gmm, cfg.recipe, n=cfg.eval_samples, seed=cfg.seed)
     (out_dir / "final_metrics.json").write_text(json.dumps(final, indent=2))
     final["samples"] = samples
     return result, final
 
 
-def _placeholder_init(cfg: Toy2DConfig) -> nn.Module:
-    """On resume the weights come from the checkpoint, so skip the pre-fit and build a bare network."""
+def bare_init(cfg: Toy2DConfig) -> Toy2DInit:
+    """Untrained networks of ``cfg``'s shape, for weights loaded afterwards (a resume, a cached init)."""
     torch.manual_seed(cfg.seed)
     dim = make_target(cfg.target).dim
-    return TimeMLP(MLPConfig(dim=dim, hidden=cfg.hidden, depth=cfg.depth))
+    bare = TimeMLP(MLPConfig(dim=dim, hidden=cfg.hidden, depth=cfg.depth))
+    return Toy2DInit(bare, copy.deepcopy(bare))

@@ -47,6 +47,9 @@ __all__ = [
 ]
 
 
+WORLD_TINT = 0.9  # the small setup's world: off channels of the class colour tinted per clip in [-1, -0.1]
+
+
 @dataclass
 class SmallVideoConfig:
     """The small-scale run: world, model size, the budgets of the three stages, and the recipe.
@@ -65,7 +68,7 @@ class SmallVideoConfig:
     dim: int = 128
     layers: int = 4
     heads: int = 4
-    teacher_iters: int = 2000
+    teacher_iters: int = 1500
     teacher_batch: int = 16
     teacher_lr: float = 1e-3
     ode_pairs: int = 64
@@ -74,7 +77,8 @@ class SmallVideoConfig:
     ode_record_steps: int = 8  # states kept at this list's levels (it holds the 4- and 2-step levels too)
     recipe: Recipe = field(default_factory=lambda: PRESETS["small"])
     seed: int = 0
-    world: dict = field(default_factory=dict)
+    # the tinted world: a per-clip tint that only the frames (so, later, the KV cache) carry (toy.video_world)
+    world: dict = field(default_factory=lambda: {"tint": WORLD_TINT})
 
     def __post_init__(self) -> None:
         if self.method not in VIDEO_METHODS:
@@ -203,8 +207,20 @@ def get_teacher(cfg: SmallVideoConfig, cache_dir: Path, *, progress: bool = True
             log_every=10,
             seed=0,
         )
-        train(FlowMatchingTask(model, batch_fn), loop, run_dir, resume=done.exists(), progress=progress)
+        _say(progress, f"training the teacher ({cfg.teacher_iters} steps), cached at {run_dir}")
+        desc = "1/3 teacher (flow matching)"
+        train(FlowMatchingTask(model, batch_fn), loop, run_dir, resume=done.exists(), progress=progress, desc=desc)
+    else:
+        _say(progress, f"reusing the cached teacher at {run_dir}")
     return load_module(done, WanModel(mcfg)).requires_grad_(False)
+
+
+def _say(progress: bool, message: str) -> None:
+    """A line on stderr about the cached stages, beside the progress bars (quiet without them)."""
+    if progress:
+        import sys
+
+        print(message, file=sys.stderr, flush=True)
 
 
 def get_student_init(cfg: SmallVideoConfig, teacher: WanModel, cache_dir: Path, *, progress: bool = True) -> WanModel:
@@ -242,7 +258,10 @@ def get_student_init(cfg: SmallVideoConfig, teacher: WanModel, cache_dir: Path, 
             seed=0,
         )
         task = ODERegressionTask(student.requires_grad_(True), pairs, batch=8, chunk_frames=cfg.chunk_frames)
-        train(task, loop, run_dir, resume=done.exists(), progress=progress)
+        _say(progress, f"training the student init ({cfg.ode_iters} ODE-regression steps), cached at {run_dir}")
+        train(task, loop, run_dir, resume=done.exists(), progress=progress, desc="2/3 student init (ODE regression)")
+    else:
+        _say(progress, f"reusing the cached student init at {run_dir}")
     return load_module(done, WanModel(mcfg), prefix="generator")
 
 

@@ -70,6 +70,9 @@ __all__ = [
     "frechet_distance",
     "diversity",
     "evaluate_video",
+    "world_colour",
+    "appearance_error",
+    "physics_stats",
 ]
 
 _WORLD = VideoWorldConfig()
@@ -77,6 +80,8 @@ FREE_STEPS = 12  # Gauss-Newton steps of the free fit (centre, radius; colour in
 WORLD_STEPS = 6  # further steps of the world-constrained fit (palette colour, radius in range)
 _CHUNK = 1024  # frames fitted at once
 FIDELITY_UNIT = 0.2  # rms intensity error that counts as one unit among the physics features
+BOUNCE_MIN_STEP = 0.25  # px: a frame-to-frame step below this along an axis is no motion (physics_stats)
+WALL_TOL = 0.5  # px: a centre this close to [r, S - 1 - r] is at the wall (physics_stats)
 MAX_SPEED = 2.0  # velocity range searched by the track fit, pixels per frame per axis (the world's is <= 1.4)
 
 
@@ -222,6 +227,13 @@ def _init_disc(frames: Tensor, config: VideoWorldConfig) -> tuple[Tensor, Tensor
     return torch.stack([cx, cy], dim=-1), radius
 
 
+def world_colour(colour: Tensor, label: Tensor, config: VideoWorldConfig = _WORLD) -> Tensor:
+    """The colour ``[..., C]`` nearest to ``colour`` that the world draws for class ``label [...]``: the class's on
+    channels at +1, its off channels clamped to the tint range ``[-1, -1 + tint]`` (exactly -1 without a tint)."""
+    pal = config.palette.to(colour.dtype)[label]
+    return torch.where(pal > 0, pal, colour.clamp(-1.0, -1.0 + config.tint))
+
+
 def fit_frames(video: Tensor, *, config: VideoWorldConfig = _WORLD) -> FrameFit:
     """Fit the disc to every frame of ``video [N, C, F, S, S]``: state read back and fidelity (see module doc)."""
     _check(video, config)
@@ -233,7 +245,9 @@ def fit_frames(video: Tensor, *, config: VideoWorldConfig = _WORLD) -> FrameFit:
         disc = _Disc(chunk, config.edge)
         centre, radius, colour, _ = disc.fit(*_init_disc(chunk, config), FREE_STEPS)
         label = torch.cdist(colour, palette).argmin(dim=1)
-        world = disc.fit(centre, radius, WORLD_STEPS, colour=palette[label], r_range=config.radius, in_box=True)
+        world = disc.fit(
+            centre, radius, WORLD_STEPS, colour=world_colour(colour, label, config), r_range=config.radius, in_box=True
+        )
         parts.append((centre, radius, colour, world[3], label, world[1]))
     centre, radius, colour, fidelity, label, world_radius = (torch.cat(x) for x in zip(*parts, strict=True))
     return FrameFit(
@@ -446,22 +460,95 @@ def diversity(video: Tensor, labels: Tensor | None = None, *, config: VideoWorld
     return _diversity(_features(fit, video.shape[-1]), labels)
 
 
+def _appearance(fit: FrameFit, ref_fit: FrameFit, chunk_frames: int) -> Tensor:
+    ref = ref_fit.colour[:, :chunk_frames].median(dim=1).values  # [N, C]
+    return (fit.colour[:, chunk_frames:] - ref[:, None]).norm(dim=-1)  # [N, F - chunk]
+
+
+def appearance_error(
+    video: Tensor, chunk_frames: int, *, reference: Tensor | None = None, config: VideoWorldConfig = _WORLD
+) -> Tensor:
+    """How far later chunks stray from the appearance the first chunk set: ``[N, F - chunk_frames]``.
+
+    Per frame ``f >= chunk_frames``: ``|k_f - k_ref|`` (L2 over channels), with ``k_f`` the frame's fitted colour
+    and ``k_ref`` the median fitted colour of the first ``chunk_frames`` frames of ``reference`` (default: the
+    video itself; the cache-quality experiment passes what was *written into the cache*). In the tinted world the
+    tint is drawn per clip and the prompt does not carry it, so a causal generator keeps it only by copying it from
+    its cache; a world clip scores 0 (its colour is constant), a generator that forgets or washes out the tint
+    scores up to ``tint * sqrt(C - 1)``.
+    """
+    _check(video, config)
+    if not 1 <= chunk_frames < video.shape[2]:
+        raise ValueError(f"chunk_frames must be in [1, F={video.shape[2]}), got {chunk_frames}")
+    reference = video if reference is None else reference
+    if reference.shape[:2] != video.shape[:2] or reference.shape[2] < chunk_frames:
+        raise ValueError(f"reference {tuple(reference.shape)} does not match video {tuple(video.shape)}")
+    fit = fit_frames(video, config=config)
+    ref_fit = fit if reference is video else fit_frames(reference[:, :, :chunk_frames], config=config)
+    return _appearance(fit, ref_fit, chunk_frames)
+
+
+def _stats(fit: FrameFit, size: int) -> dict[str, float]:
+    c = fit.centre  # [N, F, 2]
+    d = c[:, 1:] - c[:, :-1]  # [N, F-1, 2]
+    speed = d.norm(dim=-1).median(dim=1).values  # per clip: robust to the frames of a bounce
+    moving = d.abs() > BOUNCE_MIN_STEP
+    sign = torch.where(moving, d.sign(), torch.zeros_like(d))
+    flips = (sign[:, 1:] * sign[:, :-1] < 0).float().sum(dim=(1, 2))  # reversals of an axis' direction
+    rho = fit.world_radius[..., None]
+    at_wall = ((c - rho).abs() < WALL_TOL) | ((size - 1 - rho - c).abs() < WALL_TOL)  # [N, F, 2]
+    step = d.abs()
+    into = torch.cat([step[:, :1], step], dim=1)  # the step into frame f (frame 0: the step out of it)
+    out = torch.cat([step, step[:, -1:]], dim=1)  # the step out of frame f (last frame: the step into it)
+    still = torch.maximum(into, out) < BOUNCE_MIN_STEP
+    stuck = (at_wall & still).any(-1).float()  # at a wall and not moving off it
+    frames = c.shape[1]
+    return {
+        "speed": float(speed.mean()),
+        "radius": float(fit.radius.median(dim=1).values.mean()),
+        "bounces": float(flips.mean() * 10 / max(frames - 2, 1)),
+        "stuck": float(stuck.mean()),
+    }
+
+
+def physics_stats(video: Tensor, *, config: VideoWorldConfig = _WORLD) -> dict[str, float]:
+    """The look of the motion, to set next to the world's own: all from the per-frame fits, no track model.
+
+    ``speed``: mean over clips of the median frame-to-frame displacement of the fitted centre (px/frame);
+    ``radius``: mean of the clips' median fitted radius (px); ``bounces``: reversals of an axis' direction of
+    motion (steps over 0.25 px) per clip per 10 frames; ``stuck``: share of frames where the disc sits at a
+    wall (within 0.5 px of ``[r, S - 1 - r]``) and moves less than 0.25 px along that axis into and out of the frame
+    (a disc that slides into a wall and stays there; elastic bounces leave at once).
+    """
+    return _stats(fit_frames(video, config=config), video.shape[-1])
+
+
 def evaluate_video(
-    video: Tensor, labels: Tensor, reference_video: Tensor, *, config: VideoWorldConfig = _WORLD
+    video: Tensor,
+    labels: Tensor,
+    reference_video: Tensor,
+    *,
+    config: VideoWorldConfig = _WORLD,
+    chunk_frames: int = 2,
 ) -> dict[str, float]:
     """Every metric of ``video [N, C, F, S, S]`` with ``labels [N]`` against ``reference_video`` (world clips).
 
-    Returns ``fidelity`` (mean per-frame MSE), ``motion`` (mean RMS px), ``class_acc``, ``diversity`` and
-    ``frechet`` (physics features of ``video`` against those of ``reference_video``).
+    Returns ``fidelity`` (mean per-frame MSE), ``motion`` (mean RMS px), ``class_acc``, ``diversity``,
+    ``frechet`` (physics features of ``video`` against those of ``reference_video``), ``appearance`` (mean
+    :func:`appearance_error` after the first ``chunk_frames`` frames; 0 for clips of at most one chunk) and the
+    :func:`physics_stats` (``speed``, ``radius``, ``bounces``, ``stuck``).
     """
     labels = _check_labels(labels, video.shape[0])
     fit = fit_frames(video, config=config)
     ref = fit_frames(reference_video, config=config)
     feats = _features(fit, video.shape[-1])
+    appearance = _appearance(fit, fit, chunk_frames) if video.shape[2] > chunk_frames else torch.zeros(1)
     return {
         "fidelity": float(fit.fidelity.mean()),
         "motion": float(feats[:, -1].mean()),
         "class_acc": float((_predict(fit, config) == labels).float().mean()),
         "diversity": _diversity(feats, labels),
         "frechet": frechet_distance(feats, _features(ref, reference_video.shape[-1])),
+        "appearance": float(appearance.mean()),
+        **_stats(fit, video.shape[-1]),
     }

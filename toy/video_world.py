@@ -19,6 +19,14 @@ A frame is ``x = -1 + m (k + 1)`` with the anti-aliased disc mask ``m(x) = sigmo
 Random states: ``r ~ U[radius]``, ``p0 ~ U[lo, hi]^2``, heading ``~ U[0, 2 pi)``, speed ``~ U[speed]``,
 ``label ~ U{0..n_classes-1}`` (drawn in this order from one generator, so a seed fixes a clip exactly).
 
+**Tint (appearance only the cache carries).** With ``tint = T > 0`` every clip also draws, last, a per-clip tint
+``u ~ U[0, 1]^C``: the channels that are off in the class colour are raised to ``k_c = -1 + T u_c`` (the on
+channels stay +1). The tint is not a function of the label, so the prompt says nothing about it: a causal model
+that generates a clip chunk by chunk can keep it constant only by reading it back from the frames in its cache,
+and a cache written by a blurry or washed-out few-step chunk hands every later chunk a wrong tint. With
+``T < 1`` the off channels stay below 0, so the nearest palette colour is still the class. ``T = 0`` is the
+original world (same draws, same clips).
+
 Shapes: videos ``[N, C, F, S, S]``; labels ``[N]``; positions ``[N, F, 2]``; class embeddings ``[N, L, D]``
 (text states for the Wan model, e.g. ``L = 8``, ``D = 32`` for ``WanConfig.preset("tiny")``).
 
@@ -94,6 +102,7 @@ class VideoWorldConfig:
         radius: ``(min, max)`` disc radius in pixels.
         speed: ``(min, max)`` speed in pixels per frame (heading uniform).
         edge: softness ``e`` of the disc's sigmoid edge in pixels.
+        tint: range ``T`` in [0, 1) of the per-clip tint of the off channels (0: the class colour exactly).
     """
 
     frames: int = 8
@@ -103,6 +112,7 @@ class VideoWorldConfig:
     radius: tuple[float, float] = (1.8, 2.6)
     speed: tuple[float, float] = (0.6, 1.4)
     edge: float = EDGE
+    tint: float = 0.0
 
     def __post_init__(self) -> None:
         if self.frames < 1:
@@ -117,6 +127,8 @@ class VideoWorldConfig:
             raise ValueError(f"speed range must satisfy 0 <= min <= max, got {self.speed}")
         if self.edge <= 0:
             raise ValueError(f"edge must be positive, got {self.edge}")
+        if not 0 <= self.tint < 1:
+            raise ValueError(f"tint must be in [0, 1) (off channels stay below 0), got {self.tint}")
 
     @property
     def palette(self) -> Tensor:
@@ -133,7 +145,7 @@ class ClipState:
         v: velocities ``[N, 2]`` in pixels per frame.
         radius: disc radii ``[N]`` in pixels.
         label: class labels ``[N]`` (long).
-        colour: disc colours ``[N, C]`` in {-1, +1}^C (``palette[label]``).
+        colour: disc colours ``[N, C]`` (``palette[label]``, off channels raised by the tint if the world has one).
         size: side ``S`` of the box in pixels.
     """
 
@@ -178,7 +190,11 @@ def sample_states(
     label = torch.as_tensor(label).long()
     if label.shape != (n,) or bool((label < 0).any()) or bool((label >= config.n_classes).any()):
         raise ValueError(f"label must be [n={n}] with values in [0, {config.n_classes}), got {label.tolist()}")
-    return ClipState(p0, v, r, label, config.palette[label], config.size)
+    colour = config.palette[label]
+    if config.tint > 0:  # drawn last, so a tint-free world keeps its clips
+        u = torch.rand(n, config.channels, generator=g)
+        colour = torch.where(colour > 0, colour, -1 + config.tint * u)
+    return ClipState(p0, v, r, label, colour, config.size)
 
 
 def fold(q: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,44 @@
+"""The small setup's teacher (and the world) measured like the students: ``python scripts/teacher_look.py``.
+
+Samples the cached teacher (CFG, the ODE-init DDIM grid), 4 clips per class at the trained length, and prints
+fidelity, motion, tint drift and ``physics_stats`` next to the world's own clips (one thread).
+"""
+
+import json
+
+import torch
+
+from salt_ref.pretrain import teacher_trajectories
+from toy import video_metrics as vm
+from toy import video_world as vw
+from toy.setup_video import CACHE_DIR, ClassPrompts, SmallVideoConfig, get_teacher
+
+torch.set_num_threads(1)
+cfg = SmallVideoConfig()
+world = cfg.world_config()
+teacher = get_teacher(cfg, CACHE_DIR, progress=False)
+prompts = ClassPrompts(world, teacher.config.text_len, teacher.config.text_dim)
+labels = torch.arange(world.n_classes).repeat_interleave(8)
+noise = torch.randn(len(labels), 3, cfg.frames, cfg.size, cfg.size, generator=torch.Generator().manual_seed(5))
+grid = cfg.recipe.sigmas(cfg.ode_grid_steps)
+with torch.no_grad():
+    pairs = teacher_trajectories(
+        teacher,
+        noise,
+        prompts.embed(labels),
+        prompts.null(len(labels)),
+        grid,
+        grid[-1:],
+        cfg_scale=cfg.recipe.cfg_scale,
+    )
+video = pairs.states[:, -1]
+ref, _, _ = vw.sample(len(labels), torch.Generator().manual_seed(6), config=world, frames=cfg.frames, label=labels)
+out = {
+    "teacher": vm.evaluate_video(video, labels, ref, config=world, chunk_frames=cfg.chunk_frames),
+    "world": vm.evaluate_video(ref, labels, ref, config=world, chunk_frames=cfg.chunk_frames),
+}
+print(
+    f"teacher {cfg.teacher_key()} ({cfg.teacher_iters} iterations), {len(labels)} clips, {cfg.ode_grid_steps}-step DDIM"
+)
+print(json.dumps({k: {m: round(v, 4) for m, v in d.items()} for k, d in out.items()}, indent=1))
+vw.save_frame_grid(video[::8], "runs/notes/teacher_frames.png", labels=labels[::8])
