@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Cell", "run_cell", "reference_cell", "make_tables", "make_plot", "make_samples_plot", "main"]
+__all__ = ["Cell", "cached_init", "run_cell", "reference_cell", "make_tables", "make_plot", "make_samples_plot", "main"]
 
 TARGETS = ("ring8", "grid25", "mix5")
 METHODS = ("cd", "dmd", "sc-dmd")
