@@ -16,9 +16,9 @@ takeover that lost a race sees the winner's lock and stops. On one host the atte
 is still writing. Under ``torch.distributed`` only rank 0 takes the lock; it then broadcasts the outcome, so the
 other ranks raise too instead of waiting forever in their first collective, and start only once rank 0 holds it.
 
-The lock is re-entrant within a process: the command line holds it over a whole run (clearing an old run's
-files, training, writing the results) and :func:`salt_ref.loop.train` takes it again inside; only the outermost
-release removes it.
+The lock is re-entrant within a thread of a process: the command line holds it over a whole run (clearing an old
+run's files, training, writing the results) and :func:`salt_ref.loop.train` takes it again inside, in the same
+thread; only the outermost release removes it. Two threads are two takers: one wins, the other is refused.
 
 The holder is the training process itself, never a launcher: under ``torchrun`` the pid is rank 0's worker, so a
 ``torchrun`` killed alone (its workers live on in their own sessions) leaves a lock that still counts as live
@@ -32,6 +32,7 @@ import json
 import os
 import socket
 import tempfile
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -47,7 +48,8 @@ __all__ = ["LOCK_NAME", "RunLock", "RunLockedError"]
 
 LOCK_NAME = ".lock"
 
-_HELD: dict[Path, int] = {}  # locks this process holds, by resolved path, and how deeply they are nested
+# locks this process holds, by (resolved path, thread), and how deeply each is nested
+_HELD: dict[tuple[Path, int], int] = {}
 
 
 class RunLockedError(CheckpointMismatchError):
@@ -120,7 +122,7 @@ class RunLock:
         self.path = Path(out_dir) / LOCK_NAME
         self.device = torch.device(device)
         self._info: dict[str, Any] | None = None  # set while this process holds the lock
-        self._key = self.path.resolve()
+        self._key: tuple[Path, int] = (self.path.resolve(), 0)  # the thread is set when the lock is taken
         self._nested = False  # acquired inside another RunLock on the same folder in this process
         self._outer = False  # recorded in _HELD by this object (every rank, rank 0 also holds the file)
 
@@ -164,6 +166,7 @@ class RunLock:
 
     def acquire(self) -> None:
         """Take the lock (rank 0 only under ``torch.distributed``); :class:`RunLockedError` if a live run has it."""
+        self._key = (self.path.resolve(), threading.get_ident())
         if self._key in _HELD:  # every rank records its holds, so every rank takes this branch together
             _HELD[self._key] += 1
             self._nested = True
