@@ -14,7 +14,10 @@ prefix-recomputing reference and the cache-quality experiment (a ``writer`` hook
 The cache's *quality* is the number of steps K of the rollout that wrote it. In cache-aware training the
 student's 2-step rollout writes a low-quality (LQ) cache; a *reference path* (the same student, no gradient, the
 same chunk noise ``eps_c``, the 4-step grid down to the student's exit level) writes its own outputs into a
-second, high-quality (HQ) cache. ``x0_ref`` is compared with ``x0`` by ``salt_ref.feature_align``.
+second, high-quality (HQ) cache. ``x0_ref`` is compared with ``x0`` by ``salt_ref.feature_align``. The reference
+path replays the chunk's own random draws (its re-noising noise and context-pass noise start from the generator
+state the student's chunk started from): with common random numbers, ``x0 - x0_ref`` is the grid's and the cache's
+doing, not two draws' (on the student's own grid the two paths are identical).
 
 Shapes: ``noise [B, C, F, H, W]``; chunks split ``F``; ``context [B, L, D_text]``; outputs ``[B, C, F, H, W]``.
 """
@@ -116,10 +119,18 @@ def chunked_rollout(
             torch.cuda.synchronize(noise.device)
         return time.perf_counter()
 
-    def write(memory: Any, x0: Tensor, start: int) -> None:
+    def write(memory: Any, x0: Tensor, start: int, gen: torch.Generator | None) -> None:
         with torch.no_grad():
-            ctx = add_noise(x0.detach(), randn_like(x0, generator), context_sigma)
+            ctx = add_noise(x0.detach(), randn_like(x0, gen), context_sigma)
             flow.write(memory, ctx, context_sigma, start)
+
+    def replay_of(gen: torch.Generator | None) -> torch.Generator | None:
+        """A generator that repeats ``gen``'s next draws (common random numbers), or ``None``."""
+        if gen is None:
+            return None
+        copy = torch.Generator(gen.device)
+        copy.set_state(gen.get_state())
+        return copy
 
     per_chunk: list[Rollout] = []
     refs: list[Tensor] = []
@@ -127,10 +138,8 @@ def chunked_rollout(
     for s, e in bounds:
         t0 = clock()
         flow_c = flow.flow(cache, s)
-        replay = None
-        if writer is not None and generator is not None:
-            replay = torch.Generator(generator.device)
-            replay.set_state(generator.get_state())
+        replay = replay_of(generator) if writer is not None else None
+        ref_draws = replay_of(generator) if ref_cache is not None else None
         ro = rollout(
             flow_c,
             noise[:, :, s:e],
@@ -142,11 +151,12 @@ def chunked_rollout(
             on_exit=on_exit,
         )
         per_chunk.append(ro)
+        context_draws = replay_of(generator) if ref_cache is not None else None  # the context pass's noise, replayed
         if writer is None:
-            write(cache, ro.x0, s)
+            write(cache, ro.x0, s, generator)
         else:
             with torch.no_grad():
-                write(cache, writer(flow_c, ro.x0, noise[:, :, s:e], replay), s)
+                write(cache, writer(flow_c, ro.x0, noise[:, :, s:e], replay), s, generator)
         if ref_cache is not None:
             with torch.no_grad():
                 ref = rollout(
@@ -154,12 +164,12 @@ def chunked_rollout(
                     noise[:, :, s:e],
                     reference_sigmas,
                     mode=mode,
-                    generator=generator,
+                    generator=ref_draws,
                     exit_index=k_ref,
                     grad_exit=False,
                 )
             refs.append(ref.x0)
-            write(ref_cache, ref.x0, s)
+            write(ref_cache, ref.x0, s, context_draws)
         seconds.append(clock() - t0)
     steps = range(k_exit + 1)
     return ChunkedRollout(

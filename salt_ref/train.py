@@ -82,7 +82,7 @@ def build_parser(scale: str = "toy") -> argparse.ArgumentParser:
         _small_arguments(p)
         return p
     from toy.gmm import TARGETS
-    from toy.setup_2d import TOY_LOOP
+    from toy.setup_2d import TOY_LOOP, Toy2DConfig
 
     p.add_argument(
         "--method",
@@ -128,8 +128,14 @@ def build_parser(scale: str = "toy") -> argparse.ArgumentParser:
     p.add_argument(
         "--pretrain-iters",
         type=non_negative_int,
-        default=1500,
-        help="regression steps that fit the student/critic initialisation to the teacher",
+        default=Toy2DConfig.pretrain_iters,
+        help="regression steps that fit the critic (and the student's start) to the teacher's flow",
+    )
+    p.add_argument(
+        "--ode-iters",
+        type=non_negative_int,
+        default=Toy2DConfig.ode_iters,
+        help="regression steps of the ODE init: the student's endpoints onto the teacher's ODE endpoints (--init ode)",
     )
     p.add_argument(
         "--ckpt-every",
@@ -234,6 +240,7 @@ def _run_toy(args: argparse.Namespace) -> int:
             recipe=PRESETS[args.recipe].replace(sc_weight=args.sc_weight, sc_target=args.sc_target),
             seed=args.seed,
             pretrain_iters=args.pretrain_iters,
+            ode_iters=args.ode_iters,
             init=args.init,
         )
         loop_cfg = toy_loop(

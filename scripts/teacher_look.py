@@ -1,10 +1,12 @@
-"""The small setup's teacher (and the world) measured like the students: ``python scripts/teacher_look.py``.
+"""The small setup's teacher (and the world) measured like the students:
+``python scripts/teacher_look.py [--teacher-iters N]``.
 
 Samples the cached teacher (CFG, the ODE-init DDIM grid), 4 clips per class at the trained length, and prints
 fidelity, motion, tint drift and ``physics_stats`` next to the world's own clips (one thread).
 """
 
 import json
+import sys
 
 import torch
 
@@ -14,7 +16,9 @@ from toy import video_world as vw
 from toy.setup_video import CACHE_DIR, ClassPrompts, SmallVideoConfig, get_teacher
 
 torch.set_num_threads(1)
-cfg = SmallVideoConfig()
+# --teacher-iters N: another teacher budget (each budget is cached under its own key)
+iters = int(sys.argv[sys.argv.index("--teacher-iters") + 1]) if "--teacher-iters" in sys.argv else None
+cfg = SmallVideoConfig() if iters is None else SmallVideoConfig(teacher_iters=iters)
 world = cfg.world_config()
 teacher = get_teacher(cfg, CACHE_DIR, progress=False)
 prompts = ClassPrompts(world, teacher.config.text_len, teacher.config.text_dim)

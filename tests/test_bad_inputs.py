@@ -27,7 +27,8 @@ from salt_ref.loop import METRICS_SCHEMA, LoopConfig, read_metrics, train
 from salt_ref.train import build_parser, main
 from toy.setup_2d import Toy2DConfig, build_task
 
-FAST = ["--iters", "3", "--pretrain-iters", "2", "--batch", "16", "--critic-ratio", "1", "--ckpt-every", "1"]
+FAST = ["--iters", "3", "--pretrain-iters", "2", "--ode-iters", "2", "--batch", "16", "--critic-ratio", "1",
+        "--ckpt-every", "1"]  # fmt: skip
 FAST += ["--no-progress"]
 TINY = dict(batch=16, hidden=16, depth=2, pretrain_iters=2, ode_iters=2, ode_pairs=64, eval_samples=200)
 ROOT = Path(__file__).resolve().parents[1]

@@ -43,6 +43,22 @@ def test_reference_path_on_the_same_grid_reproduces_the_student(model):
     assert ro.chunks == [(0, 2), (2, 4), (4, 6)]
 
 
+def test_reference_path_replays_the_students_draws_and_leaves_them_alone(model):
+    # re-noise sampling and a noisy context pass: every step draws noise. The reference path replays the chunk's
+    # own draws, so on the student's grid it is the student exactly (x0 - x0_ref is the grid's and cache's doing,
+    # not two draws'), and taking it does not move the student's own draws.
+    noise, flow = _inputs(model)
+    sigmas = denoising_sigmas(2, 5.0).double()
+
+    def go(**kw):
+        return chunked_rollout(flow, noise, sigmas, exit_index=1, generator=torch.Generator().manual_seed(5),
+                               context_sigma=0.1, **kw)  # fmt: skip
+
+    ro = go(reference_sigmas=sigmas)
+    torch.testing.assert_close(ro.x0_ref, ro.x0.detach(), rtol=0, atol=1e-10)
+    torch.testing.assert_close(go().x0, ro.x0, rtol=0, atol=0)
+
+
 def test_reference_path_on_the_finer_grid_differs_and_stops_at_the_exit_level(model):
     noise, flow = _inputs(model)
     coarse, fine = denoising_sigmas(2, 5.0).double(), denoising_sigmas(4, 5.0).double()

@@ -15,6 +15,8 @@ FAST = [
     "4",
     "--pretrain-iters",
     "10",
+    "--ode-iters",
+    "10",
     "--batch",
     "32",
     "--critic-ratio",

@@ -4,9 +4,6 @@ fingerprint (one rule at every scale, refusals that name the fields), config che
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -238,27 +235,7 @@ dist.destroy_process_group()
 """
 
 
-def test_a_nan_on_one_rank_stops_every_rank_at_the_same_iteration(tmp_path):
-    script = tmp_path / "ranks.py"
-    script.write_text(_NAN_ON_ONE_RANK)
-    root = Path(__file__).resolve().parents[1]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), str(r), str(tmp_path), str(tmp_path / "store")],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=root,
-        )  # fmt: skip
-        for r in range(2)
-    ]
-    try:  # a rank left waiting in a collective would time out here instead of raising
-        results = [p.communicate(timeout=120) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for p, (_, err) in zip(procs, results, strict=True):
-        assert p.returncode == 0, err[-2000:]
-    r0, r1 = (json.loads(o.strip().splitlines()[-1])["result"] for o, _ in results)
+def test_a_nan_on_one_rank_stops_every_rank_at_the_same_iteration(tmp_path, launch_ranks):
+    r0, r1 = (r["result"] for r in launch_ranks(_NAN_ON_ONE_RANK, str(tmp_path), str(tmp_path / "store")))
     assert r1.startswith("gen loss is nan at iteration 1")
     assert r0.startswith("gen loss is not finite on another rank at iteration 1")

@@ -211,29 +211,10 @@ _DIST_SCRIPT = textwrap.dedent(
 )
 
 
-def test_under_torch_distributed_every_rank_hears_rank_0s_outcome(tmp_path, sleeper):
+def test_under_torch_distributed_every_rank_hears_rank_0s_outcome(tmp_path, sleeper, launch_ranks):
     out = tmp_path / "out"
     _write_lock(out, sleeper.pid)
-    script = tmp_path / "ranks.py"
-    script.write_text(_DIST_SCRIPT)
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), str(r), str(out), str(tmp_path / "store")],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=ROOT,
-        )
-        for r in range(2)
-    ]
-    try:
-        results = [p.communicate(timeout=120) for p in procs]  # a rank left waiting would time out here
-    finally:
-        for p in procs:
-            p.kill()
-    for p, (_, err) in zip(procs, results, strict=True):
-        assert p.returncode == 0, err
-    r0, r1 = (json.loads(o.strip().splitlines()[-1]) for o, _ in results)
+    r0, r1 = launch_ranks(_DIST_SCRIPT, str(out), str(tmp_path / "store"))
     assert r0["first"].startswith(f"{out / LOCK_NAME} is held by a live run: pid {sleeper.pid} ")
     assert r1["first"] == f"{out / LOCK_NAME}: rank 0 could not take the run lock; its error says why"
     assert r0["held"] is True

@@ -19,10 +19,12 @@ from toy.setup_2d import (
     TEACHER_STEPS,
     Toy2DConfig,
     build_init,
+    build_task,
     eval_seed,
     evaluate,
     ode_pairs,
     references,
+    term_gradients,
 )
 
 THREE = GaussianMixture(
@@ -138,3 +140,52 @@ def test_the_2d_preset_is_made_for_2d_and_the_video_recipe_stays_available():
     assert video == Recipe(cfg_scale=0.0)  # the video recipe, unconditional
     assert toy.cfg_scale == 0.0 and toy.shift == 1.0  # no warp: see toy.sweep_2d
     assert Toy2DConfig().recipe.shift == toy.shift
+
+
+def _tiny_sc_task(sc_weight: float = 0.2):
+    cfg = Toy2DConfig(method="sc-dmd", target="ring8", hidden=32, depth=2, batch=64, pretrain_iters=20, ode_iters=20,
+                      ode_pairs=256, recipe=PRESETS["toy"].replace(sc_weight=sc_weight))  # fmt: skip
+    return build_task(cfg)
+
+
+def test_term_gradients_measure_each_term_alone_whatever_the_runs_weight():
+    task = _tiny_sc_task()
+    pull = term_gradients(task, draws=1, seed=3)
+    # DMD's gradient, by hand, on the same first draw that takes the SC term (8 steps, 0 < exit < 7)
+    shared = torch.Generator().manual_seed(3)
+    on = task.objective.recipe.replace(sc_weight=1.0)
+    from dataclasses import replace
+
+    obj = replace(task.objective, recipe=on)
+    while (draw := obj.draw(0, shared)).sc_points is None or draw.exit_index == 0:
+        pass
+    grads = []
+    for objective in (replace(task.objective, recipe=on.replace(sc_weight=0.0)), obj):  # L_DMD, then L_DMD + L_SC
+        task.generator.zero_grad(set_to_none=True)
+        objective.loss(draw, torch.Generator().manual_seed(4))[0].backward()
+        grads.append(torch.cat([p.grad.flatten() for p in task.generator.parameters()]))
+    assert pull["dmd"] == pytest.approx(float(grads[0].norm()), rel=1e-5)
+    assert pull["sc"] == pytest.approx(float((grads[1] - grads[0]).norm()), rel=1e-4)
+    assert pull["sc"] > 0 and -1 <= pull["cos"] <= 1
+    assert pull["ratio"] == pytest.approx(pull["dmd"] / pull["sc"], rel=1e-5)
+    # the SC norm is per unit weight: a run trained with lambda 2 is measured exactly like one with 0.2
+    assert term_gradients(_tiny_sc_task(2.0), draws=1, seed=3) == pytest.approx(pull, rel=1e-5)
+
+
+def test_bench_2d_writes_every_table_and_reads_its_cells_back(tmp_path, capsys):
+    from toy import bench_2d
+
+    argv = ["--targets", "ring8", "--seeds", "0", "1", "--sc-sweep", "0", "0.2", "1", "--sweep-target", "ring8",
+            "--iters", "2", "--init-iters", "5", "--workers", "1", "--out", str(tmp_path)]  # fmt: skip
+    assert bench_2d.main(argv) == 0
+    table = (tmp_path / "table.md").read_text()
+    # ode-init, cd, dmd, sc-dmd x 2 seeds, and the sweep's lambda 1 (lambda 0 and 0.2 are the DMD and SC-DMD cells)
+    assert "10 runs, 10 of them trained by this invocation" in table.splitlines()[0]
+    for heading in ("**ring8**", "SC-DMD against DMD, paired by seed", "did to their start, the ODE init",
+                    "How hard the SC term pulls", "SC weight sweep on ring8"):  # fmt: skip
+        assert heading in table
+    # the 4-step-against-2 count covers every trained DMD-family run: 2 DMD, 2 SC-DMD, 2 of the sweep's lambda 1
+    assert any(line.startswith("| ring8 |") and line.endswith("of 6 |") for line in table.splitlines())
+    capsys.readouterr()
+    assert bench_2d.main(argv) == 0  # a finished benchmark is read back, not retrained
+    assert "10 runs, 0 of them trained by this invocation" in (tmp_path / "table.md").read_text().splitlines()[0]

@@ -37,7 +37,7 @@ TARGETS = ("ring8", "grid25", "mix5")
 METHODS = ("cd", "dmd", "sc-dmd")
 BASELINE = "ode-init"  # the row of the ODE-initialised student before DMD (also every DMD/SC-DMD run's start)
 STEPS = (1, 2, 4)
-SC_SWEEP = (0.0, 0.2, 0.5, 1.0, 2.0)
+SC_SWEEP = (0.0, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0)  # past 2: up to the weights where SC pulls as hard as DMD
 SAVED_SAMPLES = 2000  # per step count, for the samples plot
 COLUMNS = [  # (key, header, digits); energy and the mode-share error lead: they are the quality measures
     ("energy", "energy ↓", 4),
@@ -138,7 +138,7 @@ def run_cell(cell: Cell, out_root: str | Path) -> dict[str, Any]:
     if done.is_file():
         final = json.loads(done.read_text())
         if final.get("cell") == asdict(cell):
-            return final
+            return final | {"read_back": True}
     cfg, loop_cfg = _config(cell)
     t0 = time.perf_counter()
     resume = (out / "checkpoint.safetensors").is_file()
@@ -162,6 +162,67 @@ def reference_cell(target: str, seed: int, recipe: str = "toy") -> dict[str, Any
 
     torch.set_num_threads(1)
     return references(make_target(target), preset(recipe), seed=seed)
+
+
+def pull_cell(target: str, seed: int, spec: dict[str, Any], out_root: str | Path) -> dict[str, float]:
+    """:func:`toy.setup_2d.term_gradients` of seed ``seed``'s SC-DMD task at its start (the cached ODE init)."""
+    import torch
+
+    from toy.setup_2d import build_task, term_gradients
+
+    torch.set_num_threads(1)
+    cfg, _ = _config(Cell(target, "sc-dmd", seed, spec["recipe"], cfg=spec["cfg"]))
+    return term_gradients(build_task(cfg, cached_init(cfg, Path(out_root))), seed=seed)
+
+
+def _against_start(results: dict[str, Any]) -> str:
+    """Counts, paired by seed: what DMD-family training did to its start, and 4 steps against 2."""
+    if BASELINE not in results["methods"]:
+        return ""
+    seeds, trained = results["seeds"], [m for m in ("dmd", "sc-dmd") if m in results["methods"]]
+    lines = [
+        f"**What {' and '.join(trained)} did to their start, the ODE init**: of the {' and '.join(trained)} runs "
+        f"({len(seeds)} paired seeds each), how many score higher than their ODE init at 1 / 2 / 4 steps; **and 4 "
+        "steps against 2**: how many trained runs (the SC sweep's included) have a 4-step energy above their own "
+        "2-step one",
+        "",
+        "| target | energy higher | precision higher | recall higher | mode TV higher | 4-step energy above 2-step |",
+        "|---|---|---|---|---|---|",
+    ]
+    for target in results["targets"]:
+        row = [target]
+        for key in ("energy", "precision", "recall", "mode_tv"):
+            counts = [sum(_get(results, target, m, s, k, key) > _get(results, target, BASELINE, s, k, key)
+                          for m in trained for s in seeds) for k in STEPS]  # fmt: skip
+            row.append(" / ".join(str(c) for c in counts) + f" of {len(trained) * len(seeds)}")
+        finals = {c: f for c, f in results["cells"].items() if f["cell"]["target"] == target
+                  and f["cell"]["method"] in trained and f["iterations"] > 0}  # fmt: skip
+        above = sum(_metric(f, 4, "energy") > _metric(f, 2, "energy") for f in finals.values())
+        row.append(f"{above} of {len(finals)}")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def _pull_table(results: dict[str, Any]) -> str:
+    from salt_ref.recipe import preset
+
+    lam = preset(results["recipe"]).sc_weight
+    lines = [
+        "**How hard the SC term pulls, at the ODE init** (`toy.setup_2d.term_gradients`: norms of each term's "
+        "gradient over the student's weights on 32 draws that take the SC term, median per seed; mean ± std over "
+        f"seeds {results['seeds']})",
+        "",
+        f"| target | ‖∇ L_DMD‖ | ‖∇ L_SC‖ (λ = 1) | ‖∇ L_DMD‖ / ‖∇ L_SC‖ (the λ of equal pull) | the SC pull at the "
+        f"recipe's λ = {lam:g}, as a share of DMD's | cos(∇ L_DMD, ∇ L_SC) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for target in results["targets"]:
+        rows = [results["pull"][f"{target}-s{s}"] for s in results["seeds"]]
+        rows = [r | {"share": lam / r["ratio"]} for r in rows]
+        cells = [_fmt([r[k] for r in rows], d)
+                 for k, d in (("dmd", 3), ("sc", 4), ("ratio", 1), ("share", 3), ("cos", 2))]  # fmt: skip
+        lines.append(f"| {target} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _fmt(values: list[float], digits: int) -> str:
@@ -209,6 +270,9 @@ def make_tables(results: dict[str, Any]) -> str:
                   f"mode TV {best_tv:.3f}", ""]  # fmt: skip
         out.append("\n".join(lines))
     out.append(_paired(results))
+    out.append(_against_start(results))
+    if results.get("pull"):
+        out.append(_pull_table(results))
     if results.get("sweep"):
         out.append(_sweep_table(results))
     return "\n\n".join(out)
@@ -403,6 +467,10 @@ def main(argv: list[str] | None = None) -> int:
         for name, job in tqdm(jobs.items(), desc="bench_2d cells", unit="run"):
             finals[name] = job.result()
         references = {k: j.result() for k, j in ref_jobs.items()}
+        pull = {}
+        if "sc-dmd" in args.methods and cfg.get("init", "ode") == "ode":
+            pull_jobs = {f"{t}-s{s}": pool.submit(pull_cell, t, s, spec, out) for t in args.targets for s in args.seeds}
+            pull = {k: j.result() for k, j in pull_jobs.items()}
     elapsed = time.perf_counter() - t0
     results = {
         "command": "python -m toy.bench_2d " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -417,12 +485,15 @@ def main(argv: list[str] | None = None) -> int:
         "cfg": cfg,
         "out": str(out),
         "references": references,
+        "pull": pull,
         "cells": finals,
         "minutes": elapsed / 60,
     }
     tables = make_tables(results)
-    header = (f"`{results['command'].strip()}` — recipe {args.recipe!r}, seeds {args.seeds}, "
-              f"{elapsed / 60:.1f} min wall on this machine ({len(cells)} runs)\n\n")  # fmt: skip
+    trained = sum(not f.get("read_back") for f in finals.values())
+    header = (f"`{results['command'].strip()}` — recipe {args.recipe!r}, seeds {args.seeds}: {len(cells)} runs, "
+              f"{trained} of them trained by this invocation (the rest read back from --out), "
+              f"{elapsed / 60:.1f} min wall\n\n")  # fmt: skip
     (out / "table.md").write_text(header + tables + "\n")
     (out / "results.json").write_text(json.dumps(results, indent=1))
     make_plot(results, out / "bench.png")

@@ -199,8 +199,8 @@ def look_table(results: dict[str, list[dict]], memory: str = "full") -> str:
 
 def align_table(results: dict[str, list[dict]]) -> str:
     """Salt's alignment term on fixed draws (``toy.run_video.alignment_probe``) per student, its floor (the reference
-    path on the student's own 2-step grid: only the re-noising draws differ), and the logged ``loss_align`` over
-    the first and last fifth of training (where the method logs it)."""
+    path on the student's own 2-step grid with the student's own draws: 0 when the paths share their random
+    numbers), and the logged ``loss_align`` over the first and last fifth of training (where the method logs it)."""
     lines = [
         "| student | probe loss_align | floor (same grid) | Gram entries over the margin | LQ-HQ output MSE "
         "| floor MSE | logged loss_align, first fifth -> last fifth |",

@@ -259,10 +259,9 @@ def alignment_probe(
     ``batch`` prompts, so students at different points of training are compared on the same noise. Also returns
     ``ref_mse``, the pixel MSE between the student's chunk outputs and the reference path's, ``frac_over``,
     the share of Gram entries whose difference exceeds the margin (the only ones the loss sees), and the same three
-    with the suffix ``_floor`` for a reference path on the student's own 2-step grid (same draws otherwise). That
-    path differs from the student's only by its re-noising draws (``chunked_rollout`` gives the reference path
-    the generator's next draws, not the student's), so the floor is the part of ``loss_align`` that is sampling
-    noise between two different samples, not cache or step quality.
+    with the suffix ``_floor`` for a reference path on the student's own 2-step grid (same draws otherwise). The
+    reference path replays the student's own random draws (``chunked_rollout``), so that path is the student's
+    and the floor is 0: what ``loss_align`` measures is the grid and the cache, not two different samples' noise.
     """
     from salt_ref.feature_align import sample_align_sigmas
     from salt_ref.schedule import add_noise, randn_like, sigma_to_t

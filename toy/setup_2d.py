@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,7 @@ __all__ = [
     "eval_seed",
     "evaluate",
     "references",
+    "term_gradients",
     "run",
 ]
 
@@ -82,9 +83,9 @@ class Toy2DConfig:
     depth: int = 3
     recipe: Recipe = field(default_factory=lambda: PRESETS["toy"])
     pretrain_iters: int = 1500
-    pretrain_lr: float = 1e-3
+    pretrain_lr: float = 3e-3
     init: str = "ode"  # the student's start: "ode" regression on teacher ODE pairs, or the "flow" pre-fit
-    ode_iters: int = 1500
+    ode_iters: int = 6000
     ode_pairs: int = 16_384
     ode_grid_steps: int = 64  # the exact teacher's DDIM grid for the pairs (holds every training level)
     teacher_iters: int = 3000
@@ -338,6 +339,53 @@ def references(
     return {"teacher": teacher[str(TEACHER_STEPS)] | {"steps": TEACHER_STEPS,
                                                       "composition_defect": teacher["composition_defect"]["ddim"]},
             "data": floor}  # fmt: skip
+
+
+def term_gradients(task: Toy2DTask, *, draws: int = 32, seed: int = 0) -> dict[str, float]:
+    r"""How hard each generator term pulls on the student's weights ``theta``, where the SC term is taken.
+
+    A loss's value does not say that: ``L_DMD = 0.5 mean((x0 - sg(x0 - g))^2)`` equals ``0.5 mean(g^2)`` whatever
+    direction ``g`` has, and ``L_SC = (1 - s)(m - e)^2 mean((v1 - v2)^2)`` is small where its gradient
+    ``2 (1 - s)(m - e)^2 (v1 - v2) / N`` need not be small relative to DMD's. So, on ``draws`` draws of the task's
+    recipe that take the SC term (8-step lists, exits ``0 < k < 7``: at ``k = 0`` its weight ``1 - s`` is 0),
+    with the same noise for both, this returns the medians over draws of
+
+        dmd     ||grad_theta L_DMD||
+        sc      ||grad_theta L_SC||          (lambda = 1: the SC term's pull per unit weight)
+        ratio   ||grad L_DMD|| / ||grad L_SC||   the lambda at which both terms pull equally hard
+        cos     cos(grad L_DMD, grad L_SC)
+
+    The two gradients are taken by differencing ``L_DMD + 1 * L_SC`` and ``L_DMD`` on one draw. Leaves the
+    student's ``.grad`` cleared."""
+    if task.cfg.method == "cd":
+        raise ValueError("term_gradients needs a DMD-family task (dmd or sc-dmd), not cd")
+    obj = task.objective
+    terms = {w: replace(obj, recipe=obj.recipe.replace(sc_weight=w)) for w in (0.0, 1.0)}
+    params = [p for p in task.generator.parameters() if p.requires_grad]
+    shared = torch.Generator().manual_seed(seed)
+    local = torch.Generator().manual_seed(seed + 1)
+    rows: list[tuple[float, float, float]] = []
+    while len(rows) < draws:
+        draw = terms[1.0].draw(0, shared)
+        if draw.sc_points is None or draw.exit_index == 0:
+            continue
+        state = local.get_state()
+        flat = {}
+        for w, objective in terms.items():
+            local.set_state(state)  # both losses see one rollout, one re-noising draw
+            for p in params:
+                p.grad = None
+            objective.loss(draw, local)[0].backward()
+            flat[w] = torch.cat([p.grad.flatten() for p in params])
+        torch.randn(1, generator=local)  # the next draw's noise differs from this one's
+        g_dmd, g_sc = flat[0.0], flat[1.0] - flat[0.0]
+        n_dmd, n_sc = float(g_dmd.norm()), float(g_sc.norm())
+        rows.append((n_dmd, n_sc, float(g_dmd @ g_sc) / max(n_dmd * n_sc, 1e-30)))
+    for p in params:
+        p.grad = None
+    med = torch.tensor(rows).median(dim=0).values.tolist()
+    ratio = torch.tensor([a / max(b, 1e-30) for a, b, _ in rows]).median().item()
+    return {"dmd": med[0], "sc": med[1], "ratio": ratio, "cos": med[2], "draws": float(draws)}
 
 
 def run(

@@ -68,7 +68,7 @@ class SmallVideoConfig:
     dim: int = 128
     layers: int = 4
     heads: int = 4
-    teacher_iters: int = 1500
+    teacher_iters: int = 3000
     teacher_batch: int = 16
     teacher_lr: float = 1e-3
     ode_pairs: int = 64
