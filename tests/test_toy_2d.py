@@ -25,6 +25,7 @@ from toy.setup_2d import (
     ode_pairs,
     references,
     term_gradients,
+    toy_loop,
 )
 
 THREE = GaussianMixture(
@@ -140,6 +141,20 @@ def test_the_2d_preset_is_made_for_2d_and_the_video_recipe_stays_available():
     assert video == Recipe(cfg_scale=0.0)  # the video recipe, unconditional
     assert toy.cfg_scale == 0.0 and toy.shift == 1.0  # no warp: see toy.sweep_2d
     assert Toy2DConfig().recipe.shift == toy.shift
+
+
+def test_the_preset_is_the_sweeps_base():
+    # docs/results.md: "The preset is the sweep's base". BASE is written out in toy.sweep_2d so that re-running the
+    # sweep reproduces its table; this keeps the preset, the toy loop and the start from drifting away from it.
+    from toy.setup_2d import TOY_LOOP
+    from toy.sweep_2d import BASE
+
+    cfg, toy = Toy2DConfig(), PRESETS["toy"]
+    assert {k: TOY_LOOP[k] for k in ("iters", "lr_gen", "lr_critic")} == {k: BASE[k] for k in ("iters", "lr_gen",
+                                                                                             "lr_critic")}  # fmt: skip
+    assert toy_loop().critic_ratio == BASE["critic_ratio"]
+    assert (toy.shift, toy.dmd_normalizer) == (BASE["shift"], BASE["dmd_normalizer"])
+    assert (cfg.ode_iters, cfg.pretrain_lr) == (BASE["ode_iters"], BASE["pretrain_lr"])
 
 
 def _tiny_sc_task(sc_weight: float = 0.2):
