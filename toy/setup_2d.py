@@ -377,7 +377,8 @@ def term_gradients(task: Toy2DTask, *, draws: int = 32, seed: int = 0) -> dict[s
                 p.grad = None
             objective.loss(draw, local)[0].backward()
             flat[w] = torch.cat([p.grad.flatten() for p in params])
-        torch.randn(1, generator=local)  # the next draw's noise differs from this one's
+        torch.randn(1, generator=local)  # not needed (the second pass already moved past this draw); kept: the
+        # published pull tables were drawn with it
         g_dmd, g_sc = flat[0.0], flat[1.0] - flat[0.0]
         n_dmd, n_sc = float(g_dmd.norm()), float(g_sc.norm())
         rows.append((n_dmd, n_sc, float(g_dmd @ g_sc) / max(n_dmd * n_sc, 1e-30)))
