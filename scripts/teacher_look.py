@@ -51,7 +51,8 @@ out = {
     "world": vm.evaluate_video(ref, labels, ref, config=world, chunk_frames=cfg.chunk_frames),
 }
 print(
-    f"teacher {cfg.teacher_key()} ({cfg.teacher_iters} iterations), {len(labels)} clips, {steps}-step DDIM, CFG {cfg_scale}"
+    f"teacher {cfg.teacher_key()} ({cfg.teacher_iters} iterations), {len(labels)} clips,",
+    f"{steps}-step DDIM, CFG {cfg_scale}",
 )
 print(json.dumps({k: {m: round(v, 4) for m, v in d.items()} for k, d in out.items()}, indent=1))
 vw.save_frame_grid(video[::8], "runs/notes/teacher_frames.png", labels=labels[::8])
