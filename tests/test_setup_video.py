@@ -113,3 +113,20 @@ def test_bench_table_has_a_row_per_method_memory_horizon_and_gap():
     assert len([r for r in gaps.splitlines() if r.startswith("| salt |")]) == 2 * len(MEMORIES)
     look = look_table(results)
     assert "| world | 1x | 0.500 | 0.500 | 0.500 | 0.500 |" in look
+
+
+def test_bench_video_cfg_scale_reaches_every_runs_recipe():
+    # the flag lands in the one recipe every job is built from, tiny sizes included; the default is the preset's
+    from salt_ref.recipe import PRESETS
+    from toy.bench_video import build_parser, overrides_of
+    from toy.setup_video import SmallVideoConfig
+
+    default = SmallVideoConfig(**overrides_of(build_parser().parse_args([])))
+    assert default.recipe == SmallVideoConfig().recipe
+    for flags in (["--cfg-scale", "1"], ["--cfg-scale", "1", "--tiny"]):
+        cfg = SmallVideoConfig(**overrides_of(build_parser().parse_args(flags)))
+        assert cfg.recipe.cfg_scale == 1.0
+        assert cfg.recipe.align_block == (1 if "--tiny" in flags else PRESETS["small"].align_block)
+        assert cfg.init_key() != default.init_key() and cfg.teacher_key() == (
+            SmallVideoConfig(**overrides_of(build_parser().parse_args(flags[2:]))).teacher_key()
+        )

@@ -2,7 +2,7 @@
 and the speed of generation.
 
     python -m toy.bench_video [--methods self-forcing sc-dmd salt] [--seeds 0 1 2] [--iters 150]
-                              [--out runs/bench_video] [--steps 4]
+                              [--out runs/bench_video] [--steps 4] [--cfg-scale 2]
 
 Every (method, seed) trains one student through ``toy.run_video.run`` (full KV cache during training; the
 teacher and the ODE init are shared and cached). Each trained EMA student is then generated under the memory
@@ -280,7 +280,9 @@ def plot_drift(results: dict[str, list[dict]], out_png: Path, trained: int) -> N
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    from salt_ref.recipe import PRESETS
+
     summary = " ".join(__doc__.split("\n\n")[0].split())  # the docstring's first paragraph, not its first line
     p = argparse.ArgumentParser(prog="python -m toy.bench_video", description=summary)
     p.add_argument("--methods", nargs="+", default=["self-forcing", "sc-dmd", "salt"])
@@ -296,16 +298,30 @@ def main(argv: list[str] | None = None) -> int:
         default=4,
         help="sampling steps of the evaluation; other than 4, the files get a suffix (table_2step.md, ...)",
     )
-    args = p.parse_args(argv)
-    overrides = (
-        dict(frames=4, size=8, dim=32, layers=2, heads=2, teacher_iters=2, ode_iters=2, ode_pairs=8)
-        if args.tiny
-        else {}
+    p.add_argument(
+        "--cfg-scale",
+        type=float,
+        default=PRESETS["small"].cfg_scale,
+        help="the recipe's guidance: of the ODE init's teacher trajectories, DMD's real score and the samplers "
+        "(the teacher itself is shared; use a new --out, a run trained under another scale is refused)",
     )
-    if args.tiny:  # the tiny model has 2 blocks: align at the first
-        from salt_ref.recipe import PRESETS
+    return p
 
-        overrides["recipe"] = PRESETS["small"].replace(align_block=1)
+
+def overrides_of(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``SmallVideoConfig`` fields the parsed flags change (the recipe always: it carries ``--cfg-scale``)."""
+    from salt_ref.recipe import PRESETS
+
+    tiny = dict(frames=4, size=8, dim=32, layers=2, heads=2, teacher_iters=2, ode_iters=2, ode_pairs=8)
+    overrides: dict[str, Any] = dict(tiny) if args.tiny else {}
+    recipe = PRESETS["small"].replace(cfg_scale=args.cfg_scale)
+    overrides["recipe"] = recipe.replace(align_block=1) if args.tiny else recipe  # tiny: 2 blocks, align at the first
+    return overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = overrides_of(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -330,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     cmd = "python -m toy.bench_video " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
     train_min = sum(r["train_s"] for per_seed in results.values() for r in per_seed) / 60
     header = (
-        f"`{cmd.strip()}` — seeds {args.seeds}, {args.iters} iterations, {args.steps}-step sampling; training "
+        f"`{cmd.strip()}` — seeds {args.seeds}, {args.iters} iterations, {args.steps}-step sampling, CFG "
+        f"{args.cfg_scale:g}; training "
         f"{train_min:.1f} min summed over runs (metrics.jsonl), this invocation {(time.perf_counter() - t0) / 60:.1f}"
         " min wall\n\n"
     )
