@@ -6,6 +6,7 @@ Usage: ``torchrun ... tests/full_grad_worker.py OUT.json POLICY [POLICY ...] -- 
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 
@@ -58,6 +59,13 @@ def main() -> None:
     if dist.get_rank() == 0:
         with open(out, "w") as f:
             json.dump(result, f)
+    # Tear down while the interpreter is whole: once in CI (and 2 of 12 local runs under load) a rank aborted
+    # *after* writing the JSON with "terminate called without an active exception", gloo's worker threads still
+    # holding tensors of the FSDP models at interpreter finalisation. So: wait for both ranks, drop the models
+    # and collect them, then destroy the group.
+    dist.barrier()
+    del run
+    gc.collect()
     dist.destroy_process_group()
 
 
