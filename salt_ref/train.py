@@ -355,6 +355,13 @@ def _small_arguments(p: argparse.ArgumentParser) -> None:
         help="cond + s (cond - uncond): the teacher's guidance in DMD's real score and in the ODE init's "
         "trajectories (each scale caches its own init)",
     )
+    p.add_argument(
+        "--shift",
+        type=float,
+        default=PRESETS["small"].shift,
+        help="the recipe's grid shift: DMD's noise levels, the sampling lists and the ODE init's DDIM grid "
+        "(each shift caches its own init)",
+    )
     p.add_argument("--cache", default="runs/cache", help="where the teacher and the student init are cached")
     p.add_argument(
         "--ckpt-every", type=positive_int, default=25, help="write the checkpoint every N iterations (and at the end)"
@@ -381,7 +388,7 @@ def _run_small(args: argparse.Namespace) -> int:
             rope=args.rope,
             teacher_iters=args.teacher_iters,
             ode_iters=args.ode_iters,
-            recipe=PRESETS["small"].replace(align_start=args.align_start, cfg_scale=args.cfg_scale),
+            recipe=PRESETS["small"].replace(align_start=args.align_start, cfg_scale=args.cfg_scale, shift=args.shift),
             seed=args.seed,
         )
         loop_cfg = distill_loop(

@@ -1,14 +1,22 @@
 r"""Denoising updates ``x_t -> x_s`` (``s < t``) and the rollouts that compose them.
 
 A generator ``G`` predicts the flow ``v = G(x_t, t)``; its endpoint is ``x0_hat = x_t - t * v``
-(``t`` is the noise level sigma here). Two updates take the state to a lower level ``s``:
+(``t`` is the noise level sigma here). Three updates take the state to a lower level ``s``:
 
     re-noise (stochastic, DMD / consistency sampler):  x_s = (1 - s) * x0_hat + s * eps'      (fresh eps')
     DDIM / Euler (deterministic ODE step):              eps_hat = (x_t - (1 - t) * x0_hat) / t
                                                         x_s = (1 - s) * x0_hat + s * eps_hat = x_t - (t - s) * v
+    ancestral (DDPM posterior q(x_s | x_t, x0_hat)):    r = (1 - t) s / ((1 - s) t)            (0 <= r <= 1)
+                                                        x_s = (1 - s) * x0_hat + s * (r eps_hat + sqrt(1 - r^2) eps')
 
 The second form of DDIM is exact algebra (and defined at ``t = 0``), so ``update(t -> t)`` is the identity,
-and re-noising at ``s = 0`` returns the endpoint ``x0_hat``.
+and re-noising at ``s = 0`` returns the endpoint ``x0_hat``. The ancestral step keeps the part ``r`` of the noise
+estimate that the posterior keeps and draws the rest fresh: ``r = 1`` at ``s = t`` (identity), ``r = 0`` at ``s = 0``
+(the endpoint) and at ``t = 1``. With the exact flow and small steps it samples the data's noised marginals, as
+DDIM does; re-noising does not: it drops the posterior's spread around ``x0_hat`` (for Gaussian data it ends with
+about half the data's variance at any number of steps; ``tests/test_properties.py``). It is the stochastic
+sampler of score-based methods: what DMD matches is the distribution the teacher's scores describe, which for an
+imperfect network is nearer its ancestral samples than its DDIM ones (``scripts/teacher_look.py --sampler``).
 
 A rollout composes K updates along ``sigmas = [s_0 > s_1 > ... > s_K]`` and keeps every visited state and
 endpoint. With ``exit_index = k`` it is the Self-Forcing *backward simulation*: steps ``0..k-1`` run without
@@ -26,9 +34,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from salt_ref.schedule import append_dims, randn_like, x0_from_flow
+from salt_ref.schedule import append_dims, eps_from_flow, randn_like, x0_from_flow
 
-__all__ = ["FlowFn", "OnExit", "renoise_update", "ddim_update", "update", "Rollout", "rollout", "sample"]
+__all__ = [
+    "FlowFn",
+    "OnExit",
+    "renoise_update",
+    "ddim_update",
+    "ancestral_update",
+    "update",
+    "Rollout",
+    "rollout",
+    "sample",
+]
 
 FlowFn = Callable[[Tensor, Tensor], Tensor]
 """``flow_fn(x [B, ...], sigma [B]) -> v [B, ...]``: a network closed over its condition."""
@@ -36,7 +54,7 @@ FlowFn = Callable[[Tensor, Tensor], Tensor]
 OnExit = Callable[[FlowFn, Tensor, Tensor, Tensor], Tensor]
 """``on_exit(flow_fn, x_exit, sigma_exit [B], v_exit) -> Tensor``: work done at a rollout's exit step."""
 
-MODES = ("renoise", "ddim")
+MODES = ("renoise", "ddim", "ancestral")
 
 
 def renoise_update(x0_hat: Tensor, sigma_s: Tensor | float, noise: Tensor) -> Tensor:
@@ -50,6 +68,19 @@ def ddim_update(x_t: Tensor, sigma_t: Tensor | float, sigma_s: Tensor | float, v
     return x_t - (append_dims(sigma_t, x_t) - append_dims(sigma_s, x_t)) * v
 
 
+def ancestral_update(x_t: Tensor, sigma_t: Tensor | float, sigma_s: Tensor | float, v: Tensor, noise: Tensor) -> Tensor:
+    """Ancestral (DDPM posterior) update ``x_s = (1 - s) x0_hat + s (r eps_hat + sqrt(1 - r^2) eps')``.
+
+    ``r = (1 - t) s / ((1 - s) t)`` (module docstring); ``noise`` is the fresh ``eps'``. The steps ``t -> t`` and
+    ``0 -> 0``, where ``r`` is 0 / 0, are the identity (``r = 1``).
+    """
+    x0_hat, eps_hat = x0_from_flow(x_t, sigma_t, v), eps_from_flow(x_t, sigma_t, v)
+    t, s = append_dims(sigma_t, x_t), append_dims(sigma_s, x_t)
+    num, den = (1 - t) * s, (1 - s) * t
+    r = torch.where(den > 0, num / den.clamp_min(torch.finfo(x_t.dtype).tiny), torch.ones_like(den)).clamp(0, 1)
+    return (1 - s) * x0_hat + s * (r * eps_hat + (1 - r * r).sqrt() * noise)
+
+
 def update(
     x_t: Tensor,
     sigma_t: Tensor | float,
@@ -59,13 +90,16 @@ def update(
     mode: str = "ddim",
     noise: Tensor | None = None,
 ) -> Tensor:
-    """One update ``x_t -> x_s`` given the flow ``v`` at ``(x_t, t)``; ``mode`` is ``ddim`` or ``renoise``."""
+    """One update ``x_t -> x_s`` given the flow ``v`` at ``(x_t, t)``; ``mode`` is ``ddim``, ``renoise`` or
+    ``ancestral`` (the last two need the fresh ``noise``)."""
     if mode == "ddim":
         return ddim_update(x_t, sigma_t, sigma_s, v)
+    if mode in ("renoise", "ancestral") and noise is None:
+        raise ValueError(f"mode={mode!r} needs a fresh noise tensor")
     if mode == "renoise":
-        if noise is None:
-            raise ValueError("mode='renoise' needs a fresh noise tensor")
         return renoise_update(x0_from_flow(x_t, sigma_t, v), sigma_s, noise)
+    if mode == "ancestral":
+        return ancestral_update(x_t, sigma_t, sigma_s, v, noise)
     raise ValueError(f"unknown update mode {mode!r}; choose one of {MODES}")
 
 
@@ -130,7 +164,7 @@ def rollout(
         flow_fn: the generator, ``(x, sigma [B]) -> v``.
         x: the starting state at level ``sigmas[0]`` (pure noise when ``sigmas[0] == 1``).
         sigmas: decreasing levels; the last is the level the final update lands on (usually 0).
-        mode: ``"renoise"`` (fresh noise drawn from ``generator``) or ``"ddim"``.
+        mode: ``"renoise"`` or ``"ancestral"`` (fresh noise drawn from ``generator``), or ``"ddim"``.
         exit_index: stop after evaluating step ``k`` (backward simulation); ``None`` runs all K steps.
         grad_exit: evaluate the exit step with gradient (earlier steps never carry gradient).
         on_exit: ``on_exit(flow_fn, x_exit, sigma_exit [B], v_exit)`` evaluated without gradient at the exit
@@ -158,7 +192,7 @@ def rollout(
                 with torch.no_grad():
                     extra = on_exit(flow_fn, x, sigma_t, v)
             return Rollout(states, x0s, sigmas, k_exit, v, extra)
-        noise = randn_like(x, generator) if mode == "renoise" else None
+        noise = randn_like(x, generator) if mode != "ddim" else None
         x = update(x, sigma_t, sigmas[k + 1].to(x), v, mode=mode, noise=noise).detach()
     raise AssertionError("unreachable")
 

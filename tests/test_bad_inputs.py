@@ -306,17 +306,25 @@ def test_small_resume_with_other_settings_is_refused_before_the_teacher_trains(t
     assert not cache.exists() and _digest(out) == before
 
 
-def test_small_cfg_scale_reaches_the_recipe(tmp_path, capsys):
-    # a resume under another --cfg-scale is refused by name: the flag is in the run's recipe, not only parsed
+@pytest.mark.parametrize("flag, field, was", [("--cfg-scale", "cfg_scale", "2.0"), ("--shift", "shift", "5.0")])
+def test_small_recipe_flags_reach_the_recipe(flag, field, was, tmp_path, capsys):
+    # a resume under another --cfg-scale / --shift is refused by name: the flag is in the run's recipe, not only parsed
     out, cache = tmp_path / "o", tmp_path / "c"
     from toy.setup_video import SmallVideoConfig
 
     old = {"small": SmallVideoConfig(teacher_iters=1).to_dict()}  # the CLI's defaults, a 1-step teacher
     ckpt.save_atomic(out / CHECKPOINT_NAME, {"w": torch.zeros(1)}, {"iteration": 1, "config": old})
     args = ["--scale", "small", "--resume", "--teacher-iters", "1", "--out", str(out), "--cache", str(cache)]
-    assert main([*args, "--cfg-scale", "1"]) == 2
-    assert "small.recipe.cfg_scale: checkpoint 2.0, now 1.0" in _one_error_line(capsys)
+    assert main([*args, flag, "1"]) == 2
+    assert f"small.recipe.{field}: checkpoint {was}, now 1.0" in _one_error_line(capsys)
     assert not cache.exists()
+
+
+def test_small_shift_must_be_positive(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["--scale", "small", "--shift", "0", "--out", str(out)]) == 2
+    assert "recipe: shift must be positive, got 0.0" in _one_error_line(capsys)
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("flag", ["--teacher-iters", "--ode-iters", "--iters"])

@@ -26,7 +26,7 @@ from salt_ref.schedule import (
     warp,
     x0_from_flow,
 )
-from salt_ref.updates import ddim_update, renoise_update, rollout, sample, update
+from salt_ref.updates import ancestral_update, ddim_update, renoise_update, rollout, sample, update
 from toy.gmm import GaussianMixture, gaussian_flow_map
 
 F64 = torch.float64
@@ -40,7 +40,7 @@ shifts = st.floats(min_value=0.01, max_value=100.0)
 unit = st.floats(min_value=0.0, max_value=1.0)
 positive_sigma = st.floats(min_value=1e-3, max_value=1.0)  # (0, 1], kept off 0 so 1/sigma is well-conditioned
 sigma_kinds = st.sampled_from(["float", "tensor0d", "per_sample"])
-modes = st.sampled_from(["ddim", "renoise"])
+modes = st.sampled_from(["ddim", "renoise", "ancestral"])
 three_levels = st.lists(unit, min_size=3, max_size=3).map(sorted)  # -> [low, mid, high]
 
 
@@ -598,3 +598,38 @@ def test_sc_points_draw_every_candidate_endpoint_and_midpoint(exit_index):
         assert ends.count(e) > 400 / len(_ENDPOINTS[exit_index]) * 0.7
         mids = {round(m, 4) for (e2, m) in draws if round(e2, 4) == e}
         assert mids == {p for p in _FINE8[1:] if e < p < _FINE8[exit_index]}
+
+
+# ---------------------------------------------------------------------------------------------- the ancestral update
+
+
+@settings(max_examples=20, deadline=None)
+@given(c=st.floats(min_value=0.2, max_value=3.0), mode=st.sampled_from(["ddim", "ancestral", "renoise"]))
+def test_many_small_steps_of_ddim_and_ancestral_sample_gaussian_data_and_renoise_does_not(c, mode):
+    # data N(0, c^2): the exact flow is linear, v = (1 - k_t) x / t with x0_hat = k_t x, k_t = (1 - t) c^2 / V_t and
+    # V_t = (1 - t)^2 c^2 + t^2 the noised variance. Every update is then x_s = A x_t + B eps', so the variance
+    # runs as V <- A^2 V + B^2 (A: the update of x_t = 1 with eps' = 0; B: of x_t = 0 with eps' = 1), from V_1 = 1.
+    sig = torch.linspace(1, 0, 401, dtype=F64)
+    one, zero = torch.ones(1, dtype=F64), torch.zeros(1, dtype=F64)
+    var = 1.0
+    for t, s in zip(sig[:-1].tolist(), sig[1:].tolist(), strict=True):
+        k = (1 - t) * c * c / ((1 - t) ** 2 * c * c + t * t)
+        noise = {} if mode == "ddim" else {"noise": zero}
+        a = update(one, t, s, (1 - k) * one / t, mode=mode, **noise)
+        b = 0.0 if mode == "ddim" else float(update(zero, t, s, zero, mode=mode, noise=one))
+        var = float(a) ** 2 * var + b**2
+    if mode == "renoise":
+        assert var < 0.6 * c * c  # the posterior's spread is dropped at every step
+    else:
+        assert var == pytest.approx(c * c, rel=0.03)
+
+
+@given(shape=shapes, seed=seeds, t=positive_sigma, frac=unit)
+def test_ancestral_update_is_identity_at_t_the_endpoint_at_zero_and_fresh_noise_from_one(shape, seed, t, frac):
+    g = _gen(seed)
+    x, v, noise = _randn(shape, g).double(), _randn(shape, g).double(), _randn(shape, g).double()
+    assert_close(ancestral_update(x, t, t, v, noise), x)
+    assert_close(ancestral_update(x, t, 0.0, v, noise), x0_from_flow(x, t, v))
+    s = frac * 0.999  # from pure noise the posterior keeps nothing of x_1: the re-noise update
+    assert_close(ancestral_update(x, 1.0, s, v, noise), renoise_update(x0_from_flow(x, 1.0, v), s, noise))
+    assert_close(ancestral_update(x, 0.0, 0.0, v, noise), x)  # 0 / 0: the identity

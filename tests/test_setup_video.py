@@ -130,3 +130,39 @@ def test_bench_video_cfg_scale_reaches_every_runs_recipe():
         assert cfg.init_key() != default.init_key() and cfg.teacher_key() == (
             SmallVideoConfig(**overrides_of(build_parser().parse_args(flags[2:]))).teacher_key()
         )
+
+
+def test_sweep_video_base_is_the_small_preset_and_its_loop():
+    # BASE is written out so the table can be re-run; it must still be what `--scale small` trains
+    from salt_ref.recipe import PRESETS
+    from toy.setup_video import SmallVideoConfig, distill_loop
+    from toy.sweep_video import cell_config
+
+    cfg, loop = cell_config("base", None, 0, tiny=False)
+    assert cfg.recipe == SmallVideoConfig(method="self-forcing").recipe == PRESETS["small"].for_method("self-forcing")
+    assert loop == distill_loop(150, 0)
+    assert cfg.chunk_frames == SmallVideoConfig.chunk_frames
+    moved, _ = cell_config("shift", 1.0, 0, tiny=False)
+    assert moved.recipe == cfg.recipe.replace(shift=1.0) and moved.init_key() != cfg.init_key()
+    _, beta = cell_config("beta1", 0.9, 0, tiny=False)
+    assert beta.betas == (0.9, loop.betas[1])
+
+
+def test_sweep_video_tiny_table_and_read_back(tmp_path, monkeypatch, capsys):
+    from toy.sweep_video import main
+
+    monkeypatch.chdir(tmp_path)  # the tiny teacher and inits go to tmp_path/runs/cache
+    argv = ["--tiny", "--knobs", "chunk_frames", "--workers", "1", "--out", "sv"]
+    assert main(argv) == 0
+    table = (tmp_path / "sv" / "sweep.md").read_text()
+    rows = {tuple(c.strip() for c in r.split("|")[1:3]): r for r in table.splitlines() if r.startswith("| ")}
+    assert {("world", "–"), ("base", "base"), ("chunk_frames", "1"), ("chunk_frames", "4")} <= set(rows)
+    step_cols = lambda r: [c.strip() for c in r.split("|")[5:7]]  # noqa: E731 - inside / into a chunk
+    assert step_cols(rows[("chunk_frames", "1")])[0] == "–" != step_cols(rows[("chunk_frames", "1")])[1]
+    assert step_cols(rows[("chunk_frames", "4")])[1] == "–" != step_cols(rows[("chunk_frames", "4")])[0]  # 4 frames
+    assert float(rows[("base", "base")].split("|")[-2]) >= 0.0  # the patch-grid TV of every run and of the world
+    assert float(rows[("world", "–")].split("|")[-2]) >= 0.0
+    assert "3 runs, 3 of them trained" in table
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "3 runs, 0 of them trained" in (tmp_path / "sv" / "sweep.md").read_text()

@@ -273,7 +273,7 @@ def test_evaluate_video_reports_every_metric(clips):
     res = vm.evaluate_video(video, labels, ref)
     assert set(res) == {"fidelity", "motion", "class_acc", "diversity", "frechet", "appearance"} | set(
         vm.physics_stats(ref)
-    )
+    ) | set(vm.chunk_steps(ref, chunk_frames=2))
     assert res["appearance"] < 0.01
     assert res["fidelity"] < 1e-6 and res["motion"] < 1e-3 and res["class_acc"] == 1.0
     assert res["diversity"] > 0.5 and res["frechet"] >= 0.0
@@ -368,3 +368,35 @@ def test_physics_stats_of_world_clips_and_of_a_disc_stuck_at_a_wall():
     assert (
         st["bounces"] == pytest.approx(10 / 10) and st["stuck"] == 0.0 and st["speed"] == pytest.approx(1.0, abs=1e-2)
     )
+
+
+def test_chunk_steps_tell_a_disc_that_stalls_inside_chunks_from_the_world():
+    video, _, state = vw.sample(32, torch.Generator().manual_seed(6), config=CFG, frames=8)
+    st = vm.chunk_steps(video, chunk_frames=2)
+    speed = float(state.v.norm(dim=1).mean())
+    assert st["step_within"] == pytest.approx(speed, abs=0.05) and st["step_across"] == pytest.approx(speed, abs=0.05)
+    # each frame shown twice: the disc holds still inside every 2-frame chunk and moves one frame's step between them
+    stall = video[:, :, [0, 0, 1, 1, 2, 2, 3, 3]]
+    st = vm.chunk_steps(stall, chunk_frames=2)
+    assert st["step_within"] < 1e-3 and st["step_across"] == pytest.approx(speed, abs=0.05)
+    # shifted by one frame the same clip jumps inside chunks: the metric reads where the chunk borders are
+    st = vm.chunk_steps(video[:, :, [0, 1, 1, 2, 2, 3, 3, 4]], chunk_frames=2)
+    assert st["step_across"] < 1e-3 and st["step_within"] == pytest.approx(speed, abs=0.05)
+    assert set(vm.chunk_steps(video, chunk_frames=1)) == {"step_across"}  # frame-wise: no step inside a chunk
+    assert set(vm.chunk_steps(video, chunk_frames=8)) == {"step_within"}  # one chunk: no step between chunks
+    with pytest.raises(ValueError, match="chunk_frames"):
+        vm.chunk_steps(video, chunk_frames=0)
+
+
+def test_patch_grid_tv_is_noise_for_the_world_and_high_for_discs_on_the_patch_corners():
+    video, _, _ = vw.sample(64, torch.Generator().manual_seed(6), config=CFG, frames=8)
+    assert vm.patch_grid_tv(video, 4) < 0.12
+    # every disc centred between pixels 3 and 4 (or 7 and 8, ...): on the corners of 4x4 patches
+    g = torch.Generator().manual_seed(7)
+    centres = 3.5 + 4 * torch.randint(0, 2, (16, 2), generator=g).float() + 0.1 * torch.randn(16, 2, generator=g)
+    snapped = vw.ClipState(
+        centres, torch.zeros(16, 2), torch.full((16,), 2.2), torch.zeros(16).long(), CFG.palette[[0] * 16], CFG.size
+    )
+    assert vm.patch_grid_tv(vw.render(snapped, 4), 4) > 0.6
+    with pytest.raises(ValueError, match="patch"):
+        vm.patch_grid_tv(video, 0)

@@ -73,6 +73,8 @@ __all__ = [
     "world_colour",
     "appearance_error",
     "physics_stats",
+    "chunk_steps",
+    "patch_grid_tv",
 ]
 
 _WORLD = VideoWorldConfig()
@@ -523,6 +525,45 @@ def physics_stats(video: Tensor, *, config: VideoWorldConfig = _WORLD) -> dict[s
     return _stats(fit_frames(video, config=config), video.shape[-1])
 
 
+def _chunk_steps(fit: FrameFit, chunk_frames: int) -> dict[str, float]:
+    d = (fit.centre[:, 1:] - fit.centre[:, :-1]).norm(dim=-1)  # [N, F-1]: step f goes from frame f to f + 1
+    across = (torch.arange(1, d.shape[1] + 1) % chunk_frames) == 0  # step f ends at the first frame of a chunk
+    out = {}
+    for name, mask in (("step_within", ~across), ("step_across", across)):
+        if mask.any():
+            out[name] = float(d[:, mask].median(dim=1).values.mean())
+    return out
+
+
+def chunk_steps(video: Tensor, *, chunk_frames: int, config: VideoWorldConfig = _WORLD) -> dict[str, float]:
+    """How a chunk-wise generator moves the disc: inside its chunks and from one chunk to the next.
+
+    With ``c_f`` the fitted centre of frame ``f`` and ``d_f = |c_{f+1} - c_f|`` (px), ``step_within`` is the mean
+    over clips of the median ``d_f`` over the steps inside a chunk (``(f + 1) mod chunk_frames != 0``) and
+    ``step_across`` the same over the steps into a new chunk. For the world's clips both are the speed; a student
+    whose frames within a chunk barely move and that jumps between chunks has ``step_within`` well below
+    ``step_across``. A key is left out when the clip has no step of its kind (``chunk_frames`` 1, or one chunk).
+    """
+    if chunk_frames < 1:
+        raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
+    return _chunk_steps(fit_frames(video, config=config), chunk_frames)
+
+
+def patch_grid_tv(video: Tensor, patch: int, *, config: VideoWorldConfig = _WORLD, bins: int = 8) -> float:
+    """Whether the discs sit at preferred places on a network's ``patch x patch`` token grid (0: anywhere).
+
+    With ``c`` the fitted centres ``[N, F, 2]`` (px): the total variation between the histogram of ``c mod patch``
+    (``bins`` bins per patch, both axes pooled) and the uniform one. The world's discs sit anywhere, so its clips
+    score the sampling noise of the histogram only (about 0.08 for 64 clips of 8 frames); a network whose discs
+    snap to its token grid, and then stick and jump from one place to the next, scores more.
+    """
+    if patch < 1 or bins < 1:
+        raise ValueError(f"patch and bins must be >= 1, got {patch} and {bins}")
+    c = fit_frames(video, config=config).centre.remainder(patch).flatten()
+    hist = torch.histc(c, bins=bins, min=0, max=patch)
+    return float(0.5 * (hist / hist.sum() - 1 / bins).abs().sum())
+
+
 def evaluate_video(
     video: Tensor,
     labels: Tensor,
@@ -536,7 +577,8 @@ def evaluate_video(
     Returns ``fidelity`` (mean per-frame MSE), ``motion`` (mean RMS px), ``class_acc``, ``diversity``,
     ``frechet`` (physics features of ``video`` against those of ``reference_video``), ``appearance`` (mean
     :func:`appearance_error` after the first ``chunk_frames`` frames; 0 for clips of at most one chunk) and the
-    :func:`physics_stats` (``speed``, ``radius``, ``bounces``, ``stuck``).
+    :func:`physics_stats` (``speed``, ``radius``, ``bounces``, ``stuck``) and :func:`chunk_steps`
+    (``step_within``, ``step_across``).
     """
     labels = _check_labels(labels, video.shape[0])
     fit = fit_frames(video, config=config)
@@ -551,4 +593,5 @@ def evaluate_video(
         "frechet": frechet_distance(feats, _features(ref, reference_video.shape[-1])),
         "appearance": float(appearance.mean()),
         **_stats(fit, video.shape[-1]),
+        **_chunk_steps(fit, chunk_frames),
     }
