@@ -162,7 +162,10 @@ def test_sweep_video_tiny_table_and_read_back(tmp_path, monkeypatch, capsys):
     assert step_cols(rows[("chunk_frames", "4")])[1] == "–" != step_cols(rows[("chunk_frames", "4")])[0]  # 4 frames
     assert float(rows[("base", "base")].split("|")[-2]) >= 0.0  # the patch-grid TV of every run and of the world
     assert float(rows[("world", "–")].split("|")[-2]) >= 0.0
-    assert "3 runs, 3 of them trained" in table
+    assert "4 runs (4 trained, 0 evaluated, 0 read back" in table
     capsys.readouterr()
     assert main(argv) == 0
-    assert "3 runs, 0 of them trained" in (tmp_path / "sv" / "sweep.md").read_text()
+    assert "4 runs (0 trained, 0 evaluated, 4 read back" in (tmp_path / "sv" / "sweep.md").read_text()
+    (tmp_path / "sv" / "chunk_frames=4-s0" / "final_metrics.json").unlink()  # a finished checkpoint alone
+    assert main(argv) == 0
+    assert "4 runs (0 trained, 1 evaluated, 3 read back" in (tmp_path / "sv" / "sweep.md").read_text()

@@ -374,7 +374,8 @@ def test_chunk_steps_tell_a_disc_that_stalls_inside_chunks_from_the_world():
     video, _, state = vw.sample(32, torch.Generator().manual_seed(6), config=CFG, frames=8)
     st = vm.chunk_steps(video, chunk_frames=2)
     speed = float(state.v.norm(dim=1).mean())
-    assert st["step_within"] == pytest.approx(speed, abs=0.05) and st["step_across"] == pytest.approx(speed, abs=0.05)
+    # a median of 2-3 steps per clip: a bounce inside them moves it, hence the tolerance
+    assert st["step_within"] == pytest.approx(speed, abs=0.1) and st["step_across"] == pytest.approx(speed, abs=0.1)
     # each frame shown twice: the disc holds still inside every 2-frame chunk and moves one frame's step between them
     stall = video[:, :, [0, 0, 1, 1, 2, 2, 3, 3]]
     st = vm.chunk_steps(stall, chunk_frames=2)
@@ -382,6 +383,9 @@ def test_chunk_steps_tell_a_disc_that_stalls_inside_chunks_from_the_world():
     # shifted by one frame the same clip jumps inside chunks: the metric reads where the chunk borders are
     st = vm.chunk_steps(video[:, :, [0, 1, 1, 2, 2, 3, 3, 4]], chunk_frames=2)
     assert st["step_across"] < 1e-3 and st["step_within"] == pytest.approx(speed, abs=0.05)
+    # still at both ends of the clip, moving in between: the ends are no chunk's business and are left out
+    st = vm.chunk_steps(video[:, :, [0, 0, 1, 2, 3, 4, 5, 5]], chunk_frames=2)
+    assert st["step_within"] == pytest.approx(st["step_across"], abs=0.1) and st["step_within"] > 0.5
     assert set(vm.chunk_steps(video, chunk_frames=1)) == {"step_across"}  # frame-wise: no step inside a chunk
     assert set(vm.chunk_steps(video, chunk_frames=8)) == {"step_within"}  # one chunk: no step between chunks
     with pytest.raises(ValueError, match="chunk_frames"):

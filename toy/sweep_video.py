@@ -6,7 +6,8 @@
 From the fixed base :data:`BASE` (the small preset's recipe and loop, written out here so that re-running the
 sweep reproduces its table), each knob of :data:`KNOBS` is moved to each of its other values with the rest held;
 every setting trains one student per seed through :func:`toy.run_video.run` (cached teacher, the ODE init of its
-own recipe and chunk length) and is read back from ``--out`` when it is already there. ``iters 0`` is the ODE init.
+own recipe and chunk length). A cell already in ``--out`` is read back (``final_metrics.json``), or evaluated again
+when only its finished checkpoint is there; a killed one is continued. ``iters 0`` is the ODE init.
 
 The table sets the students' look at 1x, 4-step sampling, full cache (``final_metrics.json`` of each run, 16
 clips) next to the world's clips measured by the same fits:
@@ -57,7 +58,7 @@ KNOBS: dict[str, tuple[str, tuple[Any, ...]]] = {
     "dmd_normalizer": ("recipe", ("sample", "batch")),
     "dmd_sigma_min": ("recipe", (0.02, 0.5)),  # DMD and the critic only on levels above 0.5
     "dmd_sigma_max": ("recipe", (0.5, 0.98)),  # ... only below 0.5
-    "chunk_frames": ("cfg", (1, 2, 4)),
+    "chunk_frames": ("cfg", (1, 2, 4, 8)),  # 8: one chunk, the whole clip at once (bidirectional)
 }
 # (key of final_metrics.json, column header, format); the world's own value heads the column where it has one
 COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -106,17 +107,19 @@ def _name(knob: str, value: Any, seed: int) -> str:
 def _one(job: tuple[str, Any, int, str, bool]) -> dict[str, Any]:
     import torch
 
+    from salt_ref.checkpoint import read_header
     from toy.run_video import run
 
     knob, value, seed, out, tiny = job
     torch.set_num_threads(1)
     cfg, loop = cell_config(knob, value, seed, tiny)
     run_dir = Path(out) / _name(knob, value, seed)
-    done = run_dir / "final_metrics.json"
+    done, ckpt = run_dir / "final_metrics.json", run_dir / "checkpoint.safetensors"
     if done.exists():  # read back: a finished cell is not trained or evaluated again
-        final = {**json.loads(done.read_text()), "read_back": True}
-    else:
-        final = run(cfg, loop, run_dir, progress=False, resume=(run_dir / "checkpoint.safetensors").exists())
+        final = {**json.loads(done.read_text()), "how": "read back"}
+    else:  # trained (or continued); a checkpoint already at the budget is only evaluated
+        how = "evaluated" if ckpt.exists() and read_header(ckpt)["iteration"] >= loop.iters else "trained"
+        final = {**run(cfg, loop, run_dir, progress=False, resume=ckpt.exists()), "how": how}
     final["metrics"]["1x"]["grid_tv"] = _grid_tv(run_dir)
     return final
 
@@ -197,14 +200,16 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"knob": k, "value": v, **{c: [m[c] for m in per_seed if c in m] for c, _, _ in COLUMNS}})
     minutes = (time.perf_counter() - t0) / 60
     cmd = "python -m toy.sweep_video " + " ".join(argv if argv is not None else sys.argv[1:])
-    trained = sum(not f.get("read_back") for f in finals)
+    how = {h: sum(f["how"] == h for f in finals) for h in ("trained", "evaluated", "read back")}
     lines = [
-        f"`{cmd.strip()}` — self-forcing, seeds {args.seeds}: {len(finals)} runs, {trained} of them trained by this "
-        f"invocation (the rest read back from --out), {minutes:.1f} min wall; 1x, 4-step sampling, full cache",
+        f"`{cmd.strip()}` — self-forcing, seeds {args.seeds}: {len(finals)} runs ("
+        + ", ".join(f"{n} {h}" for h, n in how.items())
+        + f" by this invocation; evaluated: from a finished checkpoint), {minutes:.1f} min wall; 1x, 4-step "
+        "sampling, full cache",
         "",
         "| knob | value | " + " | ".join(h for _, h, _ in COLUMNS) + " |",
         "|---|---|" + "---:|" * len(COLUMNS),
-        "| world | – | " + " | ".join(_cell([world[c]], f) for c, _, f in COLUMNS) + " |",
+        "| world | – | " + " | ".join(_cell([world[c]] if c in world else [], f) for c, _, f in COLUMNS) + " |",
     ]
     for r in rows:
         value = "base" if r["knob"] == "base" else r["value"]

@@ -527,22 +527,27 @@ def physics_stats(video: Tensor, *, config: VideoWorldConfig = _WORLD) -> dict[s
 
 def _chunk_steps(fit: FrameFit, chunk_frames: int) -> dict[str, float]:
     d = (fit.centre[:, 1:] - fit.centre[:, :-1]).norm(dim=-1)  # [N, F-1]: step f goes from frame f to f + 1
-    across = (torch.arange(1, d.shape[1] + 1) % chunk_frames) == 0  # step f ends at the first frame of a chunk
+    f = torch.arange(1, d.shape[1] + 1)  # the frame each step ends at
+    across = (f % chunk_frames) == 0  # into the first frame of a chunk
+    interior = (f > 1) & (f < d.shape[1])  # neither the clip's first step nor its last
     out = {}
-    for name, mask in (("step_within", ~across), ("step_across", across)):
+    for name, mask in (("step_within", interior & ~across), ("step_across", interior & across)):
         if mask.any():
-            out[name] = float(d[:, mask].median(dim=1).values.mean())
+            out[name] = float(d[:, mask].median())  # pooled: both groups get the same estimator
     return out
 
 
 def chunk_steps(video: Tensor, *, chunk_frames: int, config: VideoWorldConfig = _WORLD) -> dict[str, float]:
     """How a chunk-wise generator moves the disc: inside its chunks and from one chunk to the next.
 
-    With ``c_f`` the fitted centre of frame ``f`` and ``d_f = |c_{f+1} - c_f|`` (px), ``step_within`` is the mean
-    over clips of the median ``d_f`` over the steps inside a chunk (``(f + 1) mod chunk_frames != 0``) and
-    ``step_across`` the same over the steps into a new chunk. For the world's clips both are the speed; a student
-    whose frames within a chunk barely move and that jumps between chunks has ``step_within`` well below
-    ``step_across``. A key is left out when the clip has no step of its kind (``chunk_frames`` 1, or one chunk).
+    With ``c_f`` the fitted centre of frame ``f`` and ``d_f = |c_{f+1} - c_f|`` (px), ``step_within`` is the median
+    of ``d_f`` over every clip's steps inside a chunk (``(f + 1) mod chunk_frames != 0``) and ``step_across`` the
+    median over the steps into a new chunk (pooled over clips: a per-clip median of 2 steps against one of 3 would
+    read a bounce differently in the two groups). The clip's first and last steps are left out of
+    both: a network that sees the whole clip moves its disc least at the clip's ends, which would otherwise count
+    as inside a chunk. For the world's clips both are the speed; a student whose frames within a chunk barely move
+    and that jumps between chunks has ``step_within`` well below ``step_across``. A key is left out when the clip
+    has no interior step of its kind (``chunk_frames`` 1, or one chunk, or fewer than 4 frames).
     """
     if chunk_frames < 1:
         raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
