@@ -141,7 +141,7 @@ def test_sweep_video_base_is_the_small_preset_and_its_loop():
     cfg, loop = cell_config("base", None, 0, tiny=False)
     assert cfg.recipe == SmallVideoConfig(method="self-forcing").recipe == PRESETS["small"].for_method("self-forcing")
     assert loop == distill_loop(150, 0)
-    assert cfg.chunk_frames == SmallVideoConfig.chunk_frames
+    assert cfg.chunk_frames == SmallVideoConfig.chunk_frames and cfg.patch == SmallVideoConfig.patch
     moved, _ = cell_config("shift", 1.0, 0, tiny=False)
     assert moved.recipe == cfg.recipe.replace(shift=1.0) and moved.init_key() != cfg.init_key()
     _, beta = cell_config("beta1", 0.9, 0, tiny=False)
