@@ -1,14 +1,19 @@
 r"""The small setup's teacher (and the world) measured like the students:
-``python scripts/teacher_look.py [--teacher-iters N] [--patch P] [--steps K] [--cfg W] [--shift S]
-[--sampler ddim|ancestral]``.
+``python scripts/teacher_look.py [--teacher-iters N] [--teacher-shift S] [--patch P] [--steps K] [--cfg W]
+[--shift S] [--sampler ddim|ancestral] [--start-sigma S]``.
 
 Samples the cached teacher (CFG, the ODE-init DDIM grid; ``--steps`` / ``--cfg`` / ``--shift`` override the
 recipe's grid length, CFG scale and grid shift, to tell the network's faults from the sampler's;
-``--teacher-iters`` / ``--patch`` pick another teacher, trained and cached under its own key if absent), 8 clips per
-class at the trained length, and prints fidelity, motion, tint drift and ``physics_stats`` next to the world's own
-clips (one thread). ``--sampler ancestral`` samples the same grid with the stochastic DDPM-posterior update
-(``salt_ref.updates.ancestral_update``, seeded): the distribution the teacher's scores describe, the one DMD's
-students are pulled towards, where DDIM gives the one its ODE transports the noise to.
+``--teacher-iters`` / ``--teacher-shift`` / ``--patch`` pick another teacher, trained and cached under its own key if
+absent), 8 clips per class at the trained length, and prints fidelity, motion, tint drift and ``physics_stats``
+next to the world's own clips (one thread). ``--sampler ancestral`` samples the same grid with the stochastic
+DDPM-posterior update (``salt_ref.updates.ancestral_update``, seeded): the distribution the teacher's scores
+describe, the one DMD's students are pulled towards, where DDIM gives the one its ODE transports the noise to.
+
+``--start-sigma S`` < 1 starts from the world's own clips (the ``world`` column's) noised to level ``S`` with the
+same noise and runs only the grid's levels below ``S`` (SDEdit): the motion that comes out is what the teacher
+makes of clips whose coarse layout is already fixed above ``S``, so a sweep of ``S`` shows at which noise levels
+the speed is lost.
 
 It also prints how the motion moves, to see whether the discs snap to the token grid: ``grid_tv``
 (``toy.video_metrics.patch_grid_tv`` at the teacher's patch size: ~0 up to sampling noise for the world's discs,
@@ -24,7 +29,7 @@ import torch
 
 from salt_ref.dmd import cfg as apply_cfg
 from salt_ref.pretrain import teacher_trajectories
-from salt_ref.schedule import sigma_to_t
+from salt_ref.schedule import add_noise, sigma_to_t
 from salt_ref.updates import sample
 from toy import video_metrics as vm
 from toy import video_world as vw
@@ -39,7 +44,11 @@ def flag(name: str, kind: type, default):
 
 
 iters = flag("--teacher-iters", int, SmallVideoConfig.teacher_iters)
-cfg = SmallVideoConfig(teacher_iters=iters, patch=flag("--patch", int, SmallVideoConfig.patch))
+cfg = SmallVideoConfig(
+    teacher_iters=iters,
+    patch=flag("--patch", int, SmallVideoConfig.patch),
+    teacher_shift=flag("--teacher-shift", float, SmallVideoConfig.teacher_shift),
+)
 world = cfg.world_config()
 teacher = get_teacher(cfg, CACHE_DIR, progress=False)
 prompts = ClassPrompts(world, teacher.config.text_len, teacher.config.text_dim)
@@ -53,6 +62,13 @@ sampler = flag("--sampler", str, "ddim")
 if sampler not in ("ddim", "ancestral"):
     raise SystemExit(f"--sampler must be ddim or ancestral, got {sampler!r}")
 context, null = prompts.embed(labels), prompts.null(len(labels))
+ref, _, _ = vw.sample(len(labels), torch.Generator().manual_seed(6), config=world, frames=cfg.frames, label=labels)
+start = flag("--start-sigma", float, 1.0)
+if not 0.0 < start <= 1.0:
+    raise SystemExit(f"--start-sigma must be in (0, 1], got {start}")
+if start < 1.0:  # SDEdit: the world's own clips noised to `start`, then the rest of the grid below it
+    grid = torch.cat([grid.new_tensor([start]), grid[grid < start]])
+    noise = add_noise(ref, noise, start)
 
 
 def guided(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -68,7 +84,6 @@ with torch.no_grad():
         video = teacher_trajectories(teacher, noise, context, null, grid, grid[-1:], cfg_scale=cfg_scale).states[:, -1]
     else:
         video = sample(guided, noise, grid, mode="ancestral", generator=torch.Generator().manual_seed(7))
-ref, _, _ = vw.sample(len(labels), torch.Generator().manual_seed(6), config=world, frames=cfg.frames, label=labels)
 
 
 def grid_motion(clips: torch.Tensor) -> dict[str, float]:
@@ -84,8 +99,10 @@ out = {
     "world": vm.evaluate_video(ref, labels, ref, config=world, chunk_frames=cfg.chunk_frames) | grid_motion(ref),
 }
 print(
-    f"teacher {cfg.teacher_key()} ({cfg.teacher_iters} iterations, patch {cfg.patch}), {len(labels)} clips,",
+    f"teacher {cfg.teacher_key()} ({cfg.teacher_iters} iterations at shift {cfg.teacher_shift}, patch {cfg.patch}),",
+    f"{len(labels)} clips,",
     f"{steps}-step {sampler} at shift {shift}, CFG {cfg_scale}",
+    f"from the world's clips noised to {start}" if start < 1.0 else "from noise",
 )
 print(json.dumps({k: {m: round(v, 4) for m, v in d.items()} for k, d in out.items()}, indent=1))
 vw.save_frame_grid(video[::8], "runs/notes/teacher_frames.png", labels=labels[::8])

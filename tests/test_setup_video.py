@@ -169,3 +169,25 @@ def test_sweep_video_tiny_table_and_read_back(tmp_path, monkeypatch, capsys):
     (tmp_path / "sv" / "chunk_frames=4-s0" / "final_metrics.json").unlink()  # a finished checkpoint alone
     assert main(argv) == 0
     assert "4 runs (0 trained, 1 evaluated, 3 read back" in (tmp_path / "sv" / "sweep.md").read_text()
+
+
+def test_teacher_shift_trains_the_teacher_and_keys_its_cache(tmp_path, monkeypatch):
+    """The teacher's training shift reaches its flow-matching task; at its default the cache key is the old one."""
+    import toy.setup_video as sv
+
+    default = SmallVideoConfig(**TINY, teacher_iters=1)
+    assert SmallVideoConfig(**TINY, teacher_iters=1, teacher_shift=1.0).teacher_key() == default.teacher_key()
+    shifted = SmallVideoConfig(**TINY, teacher_iters=1, teacher_shift=3.0)
+    assert shifted.teacher_key() != default.teacher_key()
+    seen: list[float] = []
+
+    class Spy(sv.FlowMatchingTask):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            seen.append(self.shift)
+
+    monkeypatch.setattr(sv, "FlowMatchingTask", Spy)
+    sv.get_teacher(shifted, tmp_path, progress=False)
+    assert seen == [3.0] and (tmp_path / f"teacher-{shifted.teacher_key()}").is_dir()
+    with pytest.raises(ValueError, match="teacher_shift must be positive"):
+        SmallVideoConfig(teacher_shift=0.0)

@@ -71,6 +71,9 @@ class SmallVideoConfig:
     teacher_iters: int = 3000
     teacher_batch: int = 16
     teacher_lr: float = 1e-3
+    # the shift of the teacher's logit-normal training levels (``salt_ref.schedule.sample_sigmas``): at 1, 1.4% of
+    # the draws fall above sigma = 0.9, where a small disc's place in each frame is still being decided
+    teacher_shift: float = 1.0
     ode_pairs: int = 64
     ode_iters: int = 300
     ode_grid_steps: int = 16  # the teacher's DDIM grid for the ODE pairs
@@ -85,6 +88,8 @@ class SmallVideoConfig:
             raise ValueError(f"unknown video method {self.method!r}; choose one of {list(VIDEO_METHODS)}")
         if not isinstance(self.memory, MemoryPolicy):
             raise TypeError(f"memory must be a MemoryPolicy (parse strings once, at the CLI), got {self.memory!r}")
+        if not self.teacher_shift > 0:
+            raise ValueError(f"teacher_shift must be positive, got {self.teacher_shift}")
         if self.memory.bounded and self.memory.window < self.chunk_frames:
             # checked here, before the teacher trains for minutes: a chunk must fit the attention window
             raise ValueError(
@@ -130,8 +135,11 @@ class SmallVideoConfig:
             "teacher_lr",
             "world",
         )
-        blob = json.dumps({k: asdict(self)[k] for k in keys}, sort_keys=True)
-        return hashlib.sha1(blob.encode()).hexdigest()[:10]
+        key = {k: asdict(self)[k] for k in keys}
+        # settings added after teachers were cached enter the key only away from their default, so those caches
+        # keep their names
+        key.update({k: getattr(self, k) for k in _LATER_TEACHER_KEYS if getattr(self, k) != _DEFAULTS[k]})
+        return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
 
     def init_key(self) -> str:
         keys = ("chunk_frames", "ode_pairs", "ode_iters", "ode_grid_steps", "ode_record_steps")
@@ -140,6 +148,10 @@ class SmallVideoConfig:
             {**{k: asdict(self)[k] for k in keys}, "cfg_scale": r.cfg_scale, "shift": r.shift}, sort_keys=True
         )
         return self.teacher_key() + "-" + hashlib.sha1(blob.encode()).hexdigest()[:10]
+
+
+_DEFAULTS = {f.name: f.default for f in fields(SmallVideoConfig)}
+_LATER_TEACHER_KEYS = ("teacher_shift",)
 
 
 def model_config(cfg: SmallVideoConfig, *, causal: bool) -> WanConfig:
@@ -209,7 +221,8 @@ def get_teacher(cfg: SmallVideoConfig, cache_dir: Path, *, progress: bool = True
         )
         _say(progress, f"training the teacher ({cfg.teacher_iters} steps), cached at {run_dir}")
         desc = "1/3 teacher (flow matching)"
-        train(FlowMatchingTask(model, batch_fn), loop, run_dir, resume=done.exists(), progress=progress, desc=desc)
+        task = FlowMatchingTask(model, batch_fn, shift=cfg.teacher_shift)
+        train(task, loop, run_dir, resume=done.exists(), progress=progress, desc=desc)
     else:
         _say(progress, f"reusing the cached teacher at {run_dir}")
     return load_module(done, WanModel(mcfg)).requires_grad_(False)
