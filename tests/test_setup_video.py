@@ -191,3 +191,16 @@ def test_teacher_shift_trains_the_teacher_and_keys_its_cache(tmp_path, monkeypat
     assert seen == [3.0] and (tmp_path / f"teacher-{shifted.teacher_key()}").is_dir()
     with pytest.raises(ValueError, match="teacher_shift must be positive"):
         SmallVideoConfig(teacher_shift=0.0)
+
+
+def test_bench_video_teacher_iters_reaches_the_shared_teacher():
+    # the flag changes the teacher every job shares (so its key and the init's), and only when given
+    from toy.bench_video import build_parser, overrides_of
+    from toy.setup_video import SmallVideoConfig
+
+    for tiny in ([], ["--tiny"]):
+        default = SmallVideoConfig(**overrides_of(build_parser().parse_args(tiny)))
+        assert default.teacher_iters == (2 if tiny else SmallVideoConfig.teacher_iters)
+        cfg = SmallVideoConfig(**overrides_of(build_parser().parse_args([*tiny, "--teacher-iters", "12000"])))
+        assert cfg.teacher_iters == 12000 and cfg.teacher_key() != default.teacher_key()
+        assert cfg.recipe == default.recipe

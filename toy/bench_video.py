@@ -2,7 +2,7 @@
 and the speed of generation.
 
     python -m toy.bench_video [--methods self-forcing sc-dmd salt] [--seeds 0 1 2] [--iters 150]
-                              [--out runs/bench_video] [--steps 4] [--cfg-scale 2]
+                              [--out runs/bench_video] [--steps 4] [--cfg-scale 2] [--teacher-iters 3000]
 
 Every (method, seed) trains one student through ``toy.run_video.run`` (full KV cache during training; the
 teacher and the ODE init are shared and cached). Each trained EMA student is then generated under the memory
@@ -305,6 +305,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the recipe's guidance: of the ODE init's teacher trajectories, DMD's real score and the samplers "
         "(the teacher itself is shared; use a new --out, a run trained under another scale is refused)",
     )
+    p.add_argument(
+        "--teacher-iters",
+        type=int,
+        default=None,
+        help="flow-matching steps of the shared teacher (trained once, cached under its own key; default: the "
+        "small setup's, or the tiny one's with --tiny)",
+    )
     return p
 
 
@@ -316,6 +323,8 @@ def overrides_of(args: argparse.Namespace) -> dict[str, Any]:
     overrides: dict[str, Any] = dict(tiny) if args.tiny else {}
     recipe = PRESETS["small"].replace(cfg_scale=args.cfg_scale)
     overrides["recipe"] = recipe.replace(align_block=1) if args.tiny else recipe  # tiny: 2 blocks, align at the first
+    if args.teacher_iters is not None:
+        overrides["teacher_iters"] = args.teacher_iters
     return overrides
 
 
