@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import save_file
 
 from salt_ref.models.wan import WanConfig, WanModel, from_diffusers_keys, load_checkpoint
+from salt_ref.schedule import sigma_to_t
 
 
 def diffusers_model(cfg: WanConfig, seed: int):
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
 
     g = torch.Generator().manual_seed(args.seed + 1)
     x = torch.randn(args.batch, cfg.in_dim, args.frames, args.size, args.size, generator=g)
-    t = torch.rand(args.batch, generator=g) * 1000
+    t = sigma_to_t(torch.rand(args.batch, generator=g))  # a random noise level per sample, as the network sees it
     context = torch.randn(args.batch, cfg.text_len, cfg.text_dim, generator=g)
     inputs = (x, t, context)
 
