@@ -43,9 +43,27 @@ from toy.setup_video import (
     model_config,
 )
 
-__all__ = ["HORIZONS", "evaluate_student", "run", "load_run", "cache_quality_gap", "alignment_probe"]
+__all__ = [
+    "HORIZONS",
+    "EVAL_SEED",
+    "reference_clips",
+    "evaluate_student",
+    "run",
+    "load_run",
+    "cache_quality_gap",
+    "alignment_probe",
+]
 
 HORIZONS = (1, 2, 4)
+EVAL_SEED = 1234  # evaluate_student's noise; its world reference clips are drawn from EVAL_SEED + 1
+
+
+def reference_clips(cfg: SmallVideoConfig, labels: Tensor, frames: int, seed: int = EVAL_SEED) -> Tensor:
+    """The world's clips ``[N, 3, frames, S, S]`` an evaluation with noise seed ``seed`` measures against."""
+    ref, _, _ = vw.sample(
+        len(labels), torch.Generator().manual_seed(seed + 1), config=cfg.world_config(), frames=frames, label=labels
+    )
+    return ref
 
 
 def evaluate_student(
@@ -57,7 +75,7 @@ def evaluate_student(
     rope: str | None = None,
     horizons: tuple[int, ...] = HORIZONS,
     steps: int | None = None,
-    seed: int = 1234,
+    seed: int = EVAL_SEED,
 ) -> tuple[dict[str, dict[str, float]], dict[int, Tensor], Tensor]:
     """Metrics at each horizon (x the trained length), the videos, and the drift curve of the longest.
 
@@ -84,9 +102,7 @@ def evaluate_student(
             rope=rope or cfg.rope,
             generator=g,
         )
-        ref, _, _ = vw.sample(
-            len(labels), torch.Generator().manual_seed(seed + 1), config=world, frames=frames, label=labels
-        )
+        ref = reference_clips(cfg, labels, frames, seed)
         res = vm.evaluate_video(video, labels, ref, config=world, chunk_frames=cfg.chunk_frames)
         # the world's own look, measured the same way on its clips: the students' speed/radius/bounces sit next to it
         res.update({f"world_{k}": v for k, v in vm.physics_stats(ref, config=world).items()})
@@ -232,9 +248,7 @@ def cache_quality_gap(
         ).x0
         for q, writer in (("lq", lq_writer), ("hq", hq_writer))
     }
-    ref, _, _ = vw.sample(
-        len(labels), torch.Generator().manual_seed(seed + 1), config=world, frames=frames, label=labels
-    )
+    ref = reference_clips(cfg, labels, frames, seed)
     res = {}
     for q, video in videos.items():
         for k, v in vm.evaluate_video(video, labels, ref, config=world, chunk_frames=cfg.chunk_frames).items():

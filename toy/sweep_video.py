@@ -184,14 +184,15 @@ def main(argv: list[str] | None = None) -> int:
     by_setting: dict[tuple[str, str], list[dict]] = {}
     for (k, v, *_), final in zip(jobs, finals, strict=True):
         by_setting.setdefault((k, str(v)), []).append(final["metrics"]["1x"])
-    # the world's clips of the evaluation (toy.run_video.evaluate_student: seed + 1, 4 per class) through the same fits
+    # the world's clips of the evaluation (toy.run_video.evaluate_student, 4 per class) through the same fits
     from toy import video_metrics as vm
     from toy import video_world as vw
+    from toy.run_video import reference_clips
 
     base_cfg, _ = cell_config("base", None, args.seeds[0], args.tiny)
     wcfg = base_cfg.world_config()
     labels = torch.arange(wcfg.n_classes).repeat_interleave(4)
-    clips, _, _ = vw.sample(len(labels), torch.Generator().manual_seed(1235), config=wcfg, label=labels)
+    clips = reference_clips(base_cfg, labels, base_cfg.frames)
     world = vm.evaluate_video(clips, labels, clips, config=wcfg, chunk_frames=base_cfg.chunk_frames)
     grid_labels = torch.arange(wcfg.n_classes).repeat_interleave(GRID_CLIPS)
     grid_clips, _, _ = vw.sample(len(grid_labels), torch.Generator().manual_seed(3), config=wcfg, label=grid_labels)
