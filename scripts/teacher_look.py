@@ -1,14 +1,15 @@
 r"""The small setup's teacher (and the world) measured like the students:
-``python scripts/teacher_look.py [--teacher-iters N] [--teacher-shift S] [--patch P] [--steps K] [--cfg W]
-[--shift S] [--sampler ddim|ancestral] [--start-sigma S]``.
+``python scripts/teacher_look.py [--teacher-iters N] [--teacher-shift S] [--patch P] [--dim D] [--layers L]
+[--steps K] [--cfg W] [--shift S] [--sampler ddim|ancestral] [--start-sigma S]``.
 
-Samples the cached teacher (CFG, the ODE-init DDIM grid; ``--steps`` / ``--cfg`` / ``--shift`` override the
-recipe's grid length, CFG scale and grid shift, to tell the network's faults from the sampler's;
-``--teacher-iters`` / ``--teacher-shift`` / ``--patch`` pick another teacher, trained and cached under its own key if
-absent), 8 clips per class at the trained length, and prints fidelity, motion, tint drift and ``physics_stats``
-next to the world's own clips (one thread). ``--sampler ancestral`` samples the same grid with the stochastic
-DDPM-posterior update (``salt_ref.updates.ancestral_update``, seeded): the distribution the teacher's scores
-describe, the one DMD's students are pulled towards, where DDIM gives the one its ODE transports the noise to.
+Samples the cached teacher (CFG, the ODE-init DDIM grid; ``--steps`` / ``--cfg`` / ``--shift`` override the recipe's
+grid length, CFG scale and grid shift, to tell the network's faults from the sampler's; ``--teacher-iters`` /
+``--teacher-shift`` / ``--patch`` / ``--dim`` / ``--layers`` pick another teacher, trained and cached under its own
+key if absent), 8 clips per class at the trained length, and prints fidelity, motion, tint drift and
+``physics_stats`` next to the world's own clips (one thread). ``--sampler ancestral`` samples the same grid with the
+stochastic DDPM-posterior update (``salt_ref.updates.ancestral_update``, seeded): the distribution the teacher's
+scores describe, the one DMD's students are pulled towards, where DDIM gives the one its ODE transports the noise
+to.
 
 ``--start-sigma S`` < 1 starts from the world's own clips (the ``world`` column's) noised to level ``S`` with the
 same noise and runs only the grid's levels below ``S`` (SDEdit): the motion that comes out is what the teacher
@@ -47,6 +48,8 @@ iters = flag("--teacher-iters", int, SmallVideoConfig.teacher_iters)
 cfg = SmallVideoConfig(
     teacher_iters=iters,
     patch=flag("--patch", int, SmallVideoConfig.patch),
+    dim=flag("--dim", int, SmallVideoConfig.dim),
+    layers=flag("--layers", int, SmallVideoConfig.layers),
     teacher_shift=flag("--teacher-shift", float, SmallVideoConfig.teacher_shift),
 )
 world = cfg.world_config()
@@ -99,7 +102,8 @@ out = {
     "world": vm.evaluate_video(ref, labels, ref, config=world, chunk_frames=cfg.chunk_frames) | grid_motion(ref),
 }
 print(
-    f"teacher {cfg.teacher_key()} ({cfg.teacher_iters} iterations at shift {cfg.teacher_shift}, patch {cfg.patch}),",
+    f"teacher {cfg.teacher_key()} ({cfg.teacher_iters} iterations at shift {cfg.teacher_shift}, patch {cfg.patch},",
+    f"dim {cfg.dim}, {cfg.layers} layers),",
     f"{len(labels)} clips,",
     f"{steps}-step {sampler} at shift {shift}, CFG {cfg_scale}",
     f"from the world's clips noised to {start}" if start < 1.0 else "from noise",
