@@ -1,15 +1,15 @@
 r"""The small setup's teacher (and the world) measured like the students:
 ``python scripts/teacher_look.py [--teacher-iters N] [--teacher-shift S] [--patch P] [--dim D] [--layers L]
-[--steps K] [--cfg W] [--shift S] [--sampler ddim|ancestral] [--start-sigma S]``.
+[--frames F] [--steps K] [--cfg W] [--shift S] [--sampler ddim|ancestral] [--start-sigma S]``.
 
 Samples the cached teacher (CFG, the ODE-init DDIM grid; ``--steps`` / ``--cfg`` / ``--shift`` override the recipe's
 grid length, CFG scale and grid shift, to tell the network's faults from the sampler's; ``--teacher-iters`` /
-``--teacher-shift`` / ``--patch`` / ``--dim`` / ``--layers`` pick another teacher, trained and cached under its own
-key if absent), 8 clips per class at the trained length, and prints fidelity, motion, tint drift and
-``physics_stats`` next to the world's own clips (one thread). ``--sampler ancestral`` samples the same grid with the
-stochastic DDPM-posterior update (``salt_ref.updates.ancestral_update``, seeded): the distribution the teacher's
-scores describe, the one DMD's students are pulled towards, where DDIM gives the one its ODE transports the noise
-to.
+``--teacher-shift`` / ``--patch`` / ``--dim`` / ``--layers`` / ``--frames`` (its clip length) pick another teacher,
+trained and cached under its own key if absent), 8 clips per class at the trained length, and prints fidelity,
+motion, tint drift and ``physics_stats`` next to the world's own clips (one thread). ``--sampler ancestral`` samples
+the same grid with the stochastic DDPM-posterior update (``salt_ref.updates.ancestral_update``, seeded): the
+distribution the teacher's scores describe, the one DMD's students are pulled towards, where DDIM gives the one its
+ODE transports the noise to.
 
 ``--start-sigma S`` < 1 starts from the world's own clips (the ``world`` column's) noised to level ``S`` with the
 same noise and runs only the grid's levels below ``S`` (SDEdit): the motion that comes out is what the teacher
@@ -50,6 +50,7 @@ cfg = SmallVideoConfig(
     patch=flag("--patch", int, SmallVideoConfig.patch),
     dim=flag("--dim", int, SmallVideoConfig.dim),
     layers=flag("--layers", int, SmallVideoConfig.layers),
+    frames=flag("--frames", int, SmallVideoConfig.frames),
     teacher_shift=flag("--teacher-shift", float, SmallVideoConfig.teacher_shift),
 )
 world = cfg.world_config()
@@ -103,7 +104,7 @@ out = {
 }
 print(
     f"teacher {cfg.teacher_key()} ({cfg.teacher_iters} iterations at shift {cfg.teacher_shift}, patch {cfg.patch},",
-    f"dim {cfg.dim}, {cfg.layers} layers),",
+    f"dim {cfg.dim}, {cfg.layers} layers, {cfg.frames} frames),",
     f"{len(labels)} clips,",
     f"{steps}-step {sampler} at shift {shift}, CFG {cfg_scale}",
     f"from the world's clips noised to {start}" if start < 1.0 else "from noise",
