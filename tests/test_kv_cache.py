@@ -23,6 +23,7 @@ from torch.testing import assert_close
 
 from salt_ref.kv_cache import KVCache, MemoryPolicy, attention_mask, frame_mask
 from salt_ref.models.wan import WanConfig, WanModel, apply_rope, rope_angles, rope_frequencies
+from salt_ref.schedule import sigma_to_t
 
 F64 = torch.float64
 HW = (8, 8)  # latent frame size of the tiny model: 4 x 4 = 16 tokens per frame
@@ -121,7 +122,7 @@ def _generate_cached(
     for s, e in bounds:
         x = noise[:, :, s:e]
         for hi, lo in zip(SIGMAS[:-1], SIGMAS[1:], strict=True):
-            t = torch.full((b, e - s), 1000.0 * hi, dtype=F64)
+            t = sigma_to_t(torch.full((b, e - s), hi, dtype=F64))
             x = x - (hi - lo) * model(x, t, ctx, kv_cache=cache, start_frame=s)
         model(x, torch.zeros(b, e - s, dtype=F64), ctx, kv_cache=cache, start_frame=s, commit=True)
         out.append(x)
@@ -136,7 +137,7 @@ def _generate_recomputed(model: WanModel, noise: Tensor, ctx: Tensor, bounds) ->
     for c, (s, e) in enumerate(bounds):
         x = noise[:, :, s:e]
         for hi, lo in zip(SIGMAS[:-1], SIGMAS[1:], strict=True):
-            t = torch.cat([torch.zeros(b, s, dtype=F64), torch.full((b, e - s), 1000.0 * hi, dtype=F64)], dim=1)
+            t = torch.cat([torch.zeros(b, s, dtype=F64), sigma_to_t(torch.full((b, e - s), hi, dtype=F64))], dim=1)
             v = model(torch.cat([clean, x], dim=2), t, ctx, chunk_bounds=bounds[: c + 1])[:, :, s:e]
             x = x - (hi - lo) * v
         clean = torch.cat([clean, x], dim=2)
