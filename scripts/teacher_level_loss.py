@@ -23,7 +23,7 @@ import sys
 
 import torch
 
-from salt_ref.schedule import add_noise, sigma_to_t
+from salt_ref.schedule import add_noise, flow_from_eps_x0, sigma_to_t
 from toy import video_world as vw
 from toy.setup_video import CACHE_DIR, ClassPrompts, SmallVideoConfig, get_teacher
 
@@ -43,9 +43,8 @@ def held_out(world: vw.VideoWorldConfig) -> tuple[torch.Tensor, torch.Tensor, to
     return x0, labels, torch.randn(x0.shape, generator=g)
 
 
-def class_mean_loss(world: vw.VideoWorldConfig) -> dict[str, float]:
-    """``L(sigma)`` of the reference predictor ``v = (x_sigma - m_c) / sigma`` on the held-out clips."""
-    x0, labels, _ = held_out(world)
+def class_mean_loss(world: vw.VideoWorldConfig, x0: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """``L(sigma)`` of the reference predictor ``v = (x_sigma - m_c) / sigma`` on the held-out clips ``x0``."""
     bank, bank_labels, _ = vw.sample(MEAN_CLIPS, torch.Generator().manual_seed(12), config=world)
     means = torch.stack([bank[bank_labels == c].mean(0) for c in range(world.n_classes)])
     err = (x0 - means[labels]).pow(2).mean()
@@ -68,9 +67,14 @@ for spec in specs:
         for level in LEVELS:
             sigma = torch.full((BATCH,), level)
             sq = [
-                (teacher(add_noise(x, e, sigma), sigma_to_t(sigma), c) - (e - x)).pow(2).mean()
+                (teacher(add_noise(x, e, sigma), sigma_to_t(sigma), c) - flow_from_eps_x0(e, x)).pow(2).mean()
                 for x, e, c in zip(x0.split(BATCH), eps.split(BATCH), context.split(BATCH), strict=True)
             ]
             loss[str(level)] = round(float(torch.stack(sq).mean()), 5)
-    line = {"spec": spec, "teacher": cfg.teacher_key(), "loss_by_level": loss, "class_mean": class_mean_loss(world)}
+    line = {
+        "spec": spec,
+        "teacher": cfg.teacher_key(),
+        "loss_by_level": loss,
+        "class_mean": class_mean_loss(world, x0, labels),
+    }
     print(json.dumps(line), flush=True)
