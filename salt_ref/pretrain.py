@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from salt_ref.dmd import cfg as apply_cfg
 from salt_ref.loop import Rng
-from salt_ref.schedule import add_noise, randn_like, sample_sigmas, sigma_to_t
+from salt_ref.schedule import add_noise, flow_from_eps_x0, randn_like, sample_sigmas, sigma_to_t
 from salt_ref.updates import ddim_update
 
 __all__ = ["FlowMatchingTask", "ODEPairs", "teacher_trajectories", "ODERegressionTask"]
@@ -54,7 +54,7 @@ class FlowMatchingTask:
         eps = randn_like(x0, rng.local)
         sigma = sample_sigmas(x0.shape[0], kind="logit_normal", shift=self.shift, generator=rng.local).to(x0)
         v = self.generator(add_noise(x0, eps, sigma), sigma_to_t(sigma), ctx)
-        loss = (v - (eps - x0)).pow(2).mean()
+        loss = (v - flow_from_eps_x0(eps, x0)).pow(2).mean()
         return loss, {"loss_fm": loss.item()}
 
     def critic_loss(self, it: int, rng: Rng):  # pragma: no cover - no critic

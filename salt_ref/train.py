@@ -303,7 +303,7 @@ def _small_memory(spec: str):
 
 def _small_arguments(p: argparse.ArgumentParser) -> None:
     from salt_ref.video_task import VIDEO_METHODS
-    from toy.setup_video import SmallVideoConfig
+    from toy.setup_video import TEACHERS, SmallVideoConfig
 
     p.add_argument(
         "--method",
@@ -332,6 +332,13 @@ def _small_arguments(p: argparse.ArgumentParser) -> None:
         type=non_negative_int,
         default=SmallVideoConfig.teacher_iters,
         help="flow-matching steps of the teacher (trained once, cached under --cache)",
+    )
+    p.add_argument(
+        "--teacher",
+        choices=list(TEACHERS),
+        default=SmallVideoConfig.teacher,
+        help="the real score and the ODE init's trajectories: the trained network, or the exact flow of a bank "
+        "of world clips (toy.exact_video; Salt's alignment still reads the network's features)",
     )
     p.add_argument(
         "--ode-iters",
@@ -387,6 +394,7 @@ def _run_small(args: argparse.Namespace) -> int:
             memory=args.memory,
             rope=args.rope,
             teacher_iters=args.teacher_iters,
+            teacher=args.teacher,
             ode_iters=args.ode_iters,
             recipe=PRESETS["small"].replace(align_start=args.align_start, cfg_scale=args.cfg_scale, shift=args.shift),
             seed=args.seed,

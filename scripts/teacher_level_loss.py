@@ -1,7 +1,8 @@
 r"""Held-out flow-matching loss of the small setup's cached teachers, level by level:
 ``python scripts/teacher_level_loss.py SPEC [SPEC ...]``, a ``SPEC`` being ``key=value`` settings of
 :class:`toy.setup_video.SmallVideoConfig` joined by commas (``teacher_iters=12000``, ``layers=8,dim=256``; ``-``
-for the preset's own teacher). A teacher absent from ``runs/cache`` is trained and cached first.
+for the preset's own teacher; ``teacher=exact`` or ``teacher=exact,exact_bank=80000`` for the exact flow of a bank
+of world clips, ``toy.exact_video``). A network teacher absent from ``runs/cache`` is trained and cached first.
 
 For 256 fresh world clips ``x0 [256, C, F, S, S]`` (seed 11, the same for every teacher), noise ``eps`` and each
 level ``sigma`` in ``LEVELS``, it prints the conditional flow-matching loss the teacher was trained on,
@@ -15,7 +16,10 @@ compare how well each has learnt that level (same clips, same noise), not how fa
 Next to it, a reference that needs no network: the predictor that reads nothing of the clip from ``x_sigma``
 but the noise, ``v = (x_sigma - m_c) / sigma`` with ``m_c`` the class's mean clip (from ``MEAN_CLIPS`` other world
 clips), whose loss is ``||x0 - m_c||^2 / sigma^2``. A teacher at or above it at some level has learnt nothing there
-that the prompt alone does not give. One thread; one JSON line per teacher.
+that the prompt alone does not give. The exact teacher's ``L`` is the floor itself wherever its bank is dense
+enough for that level: run it with two bank sizes, and read a level as converged where the two agree (at low
+``sigma`` a bank of any size is a nearest-neighbour rule, and its ``L`` falls as the bank grows). One thread; one
+JSON line per teacher.
 """
 
 import json
@@ -25,7 +29,7 @@ import torch
 
 from salt_ref.schedule import add_noise, flow_from_eps_x0, sigma_to_t
 from toy import video_world as vw
-from toy.setup_video import CACHE_DIR, ClassPrompts, SmallVideoConfig, get_teacher
+from toy.setup_video import CACHE_DIR, ClassPrompts, SmallVideoConfig, get_teacher, real_teacher
 
 LEVELS = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 1.0)
 CLIPS, BATCH, MEAN_CLIPS = 256, 64, 20000
@@ -58,7 +62,7 @@ for spec in specs:
     except (ValueError, TypeError, AttributeError) as e:
         raise SystemExit(f"bad teacher spec {spec!r}: {e}") from None
     world = cfg.world_config()
-    teacher = get_teacher(cfg, CACHE_DIR, progress=False)
+    teacher = real_teacher(cfg, get_teacher(cfg, CACHE_DIR, progress=False))
     prompts = ClassPrompts(world, teacher.config.text_len, teacher.config.text_dim)
     x0, labels, eps = held_out(world)
     context = prompts.embed(labels)
@@ -73,7 +77,7 @@ for spec in specs:
             loss[str(level)] = round(float(torch.stack(sq).mean()), 5)
     line = {
         "spec": spec,
-        "teacher": cfg.teacher_key(),
+        "teacher": cfg.teacher_key() if cfg.teacher == "network" else f"exact, {cfg.exact_bank} clips",
         "loss_by_level": loss,
         "class_mean": class_mean_loss(world, x0, labels),
     }

@@ -1,11 +1,13 @@
 r"""The small setup's teacher (and the world) measured like the students:
 ``python scripts/teacher_look.py [--teacher-iters N] [--teacher-shift S] [--patch P] [--dim D] [--layers L]
-[--frames F] [--steps K] [--cfg W] [--shift S] [--sampler ddim|ancestral] [--start-sigma S]``.
+[--frames F] [--teacher network|exact] [--steps K] [--cfg W] [--shift S] [--sampler ddim|ancestral]
+[--start-sigma S]``.
 
 Samples the cached teacher (CFG, the ODE-init DDIM grid; ``--steps`` / ``--cfg`` / ``--shift`` override the recipe's
 grid length, CFG scale and grid shift, to tell the network's faults from the sampler's; ``--teacher-iters`` /
 ``--teacher-shift`` / ``--patch`` / ``--dim`` / ``--layers`` / ``--frames`` (its clip length) pick another teacher,
-trained and cached under its own key if absent), 8 clips per class at the trained length, and prints fidelity,
+trained and cached under its own key if absent; ``--teacher exact`` the exact flow of a bank of world clips,
+``toy.exact_video``), 8 clips per class at the trained length, and prints fidelity,
 motion, tint drift and ``physics_stats`` next to the world's own clips (one thread). ``--sampler ancestral`` samples
 the same grid with the stochastic DDPM-posterior update (``salt_ref.updates.ancestral_update``, seeded): the
 distribution the teacher's scores describe, the one DMD's students are pulled towards, where DDIM gives the one its
@@ -34,7 +36,7 @@ from salt_ref.schedule import add_noise, sigma_to_t
 from salt_ref.updates import sample
 from toy import video_metrics as vm
 from toy import video_world as vw
-from toy.setup_video import CACHE_DIR, ClassPrompts, SmallVideoConfig, get_teacher
+from toy.setup_video import CACHE_DIR, ClassPrompts, SmallVideoConfig, get_teacher, real_teacher
 
 torch.set_num_threads(1)
 # --teacher-iters N: another teacher budget (each budget is cached under its own key)
@@ -45,16 +47,20 @@ def flag(name: str, kind: type, default):
 
 
 iters = flag("--teacher-iters", int, SmallVideoConfig.teacher_iters)
-cfg = SmallVideoConfig(
-    teacher_iters=iters,
-    patch=flag("--patch", int, SmallVideoConfig.patch),
-    dim=flag("--dim", int, SmallVideoConfig.dim),
-    layers=flag("--layers", int, SmallVideoConfig.layers),
-    frames=flag("--frames", int, SmallVideoConfig.frames),
-    teacher_shift=flag("--teacher-shift", float, SmallVideoConfig.teacher_shift),
-)
+try:
+    cfg = SmallVideoConfig(
+        teacher_iters=iters,
+        patch=flag("--patch", int, SmallVideoConfig.patch),
+        dim=flag("--dim", int, SmallVideoConfig.dim),
+        layers=flag("--layers", int, SmallVideoConfig.layers),
+        frames=flag("--frames", int, SmallVideoConfig.frames),
+        teacher_shift=flag("--teacher-shift", float, SmallVideoConfig.teacher_shift),
+        teacher=flag("--teacher", str, SmallVideoConfig.teacher),
+    )
+except ValueError as e:
+    raise SystemExit(f"bad setting: {e}") from None
 world = cfg.world_config()
-teacher = get_teacher(cfg, CACHE_DIR, progress=False)
+teacher = real_teacher(cfg, get_teacher(cfg, CACHE_DIR, progress=False))
 prompts = ClassPrompts(world, teacher.config.text_len, teacher.config.text_dim)
 labels = torch.arange(world.n_classes).repeat_interleave(8)
 noise = torch.randn(len(labels), 3, cfg.frames, cfg.size, cfg.size, generator=torch.Generator().manual_seed(5))
@@ -103,6 +109,7 @@ out = {
     "world": vm.evaluate_video(ref, labels, ref, config=world, chunk_frames=cfg.chunk_frames) | grid_motion(ref),
 }
 print(
+    f"exact teacher ({cfg.exact_bank} world clips)," if cfg.teacher == "exact" else "",
     f"teacher {cfg.teacher_key()} ({cfg.teacher_iters} iterations at shift {cfg.teacher_shift}, patch {cfg.patch},",
     f"dim {cfg.dim}, {cfg.layers} layers, {cfg.frames} frames),",
     f"{len(labels)} clips,",

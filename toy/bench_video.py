@@ -3,6 +3,7 @@ and the speed of generation.
 
     python -m toy.bench_video [--methods self-forcing sc-dmd salt] [--seeds 0 1 2] [--iters 150]
                               [--out runs/bench_video] [--steps 4] [--cfg-scale 2] [--teacher-iters 3000]
+                              [--teacher network|exact]
 
 Every (method, seed) trains one student through ``toy.run_video.run`` (full KV cache during training; the
 teacher and the ODE init are shared and cached). Each trained EMA student is then generated under the memory
@@ -282,6 +283,7 @@ def plot_drift(results: dict[str, list[dict]], out_png: Path, trained: int) -> N
 
 def build_parser() -> argparse.ArgumentParser:
     from salt_ref.recipe import PRESETS
+    from toy.setup_video import TEACHERS, SmallVideoConfig
 
     summary = " ".join(__doc__.split("\n\n")[0].split())  # the docstring's first paragraph, not its first line
     p = argparse.ArgumentParser(prog="python -m toy.bench_video", description=summary)
@@ -312,12 +314,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="flow-matching steps of the shared teacher (trained once, cached under its own key; default: the "
         "small setup's, or the tiny one's with --tiny)",
     )
+    p.add_argument(
+        "--teacher",
+        choices=list(TEACHERS),
+        default=SmallVideoConfig.teacher,
+        help="the real score and the ODE init's trajectories: the trained network, or the exact flow of a bank of "
+        "world clips (toy.exact_video; Salt's alignment and the critic's start stay the network's)",
+    )
     return p
 
 
 def overrides_of(args: argparse.Namespace) -> dict[str, Any]:
     """The ``SmallVideoConfig`` fields the parsed flags change (the recipe always: it carries ``--cfg-scale``)."""
     from salt_ref.recipe import PRESETS
+    from toy.setup_video import SmallVideoConfig
 
     tiny = dict(frames=4, size=8, dim=32, layers=2, heads=2, teacher_iters=2, ode_iters=2, ode_pairs=8)
     overrides: dict[str, Any] = dict(tiny) if args.tiny else {}
@@ -325,6 +335,8 @@ def overrides_of(args: argparse.Namespace) -> dict[str, Any]:
     overrides["recipe"] = recipe.replace(align_block=1) if args.tiny else recipe  # tiny: 2 blocks, align at the first
     if args.teacher_iters is not None:
         overrides["teacher_iters"] = args.teacher_iters
+    if args.teacher != SmallVideoConfig.teacher:
+        overrides["teacher"] = args.teacher
     return overrides
 
 
@@ -356,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     train_min = sum(r["train_s"] for per_seed in results.values() for r in per_seed) / 60
     header = (
         f"`{cmd.strip()}` — seeds {args.seeds}, {args.iters} iterations, {args.steps}-step sampling, CFG "
-        f"{args.cfg_scale:g}; training "
+        f"{args.cfg_scale:g}, {args.teacher} teacher; training "
         f"{train_min:.1f} min summed over runs (metrics.jsonl), this invocation {(time.perf_counter() - t0) / 60:.1f}"
         " min wall\n\n"
     )

@@ -33,12 +33,15 @@ from salt_ref.pretrain import FlowMatchingTask, ODERegressionTask, teacher_traje
 from salt_ref.recipe import PRESETS, Recipe
 from salt_ref.video_task import VIDEO_METHODS, VideoDistillTask, VideoTaskConfig
 from toy import video_world as vw
+from toy.exact_video import BANK_CLIPS, ExactWorldTeacher
 
 __all__ = [
     "SmallVideoConfig",
     "ClassPrompts",
     "model_config",
     "get_teacher",
+    "real_teacher",
+    "TEACHERS",
     "get_student_init",
     "build_task",
     "distill_loop",
@@ -74,6 +77,10 @@ class SmallVideoConfig:
     # the shift of the teacher's logit-normal training levels (``salt_ref.schedule.sample_sigmas``): at 1, 1.4% of
     # the draws fall above sigma = 0.9, where a small disc's place in each frame is still being decided
     teacher_shift: float = 1.0
+    # the real score (DMD) and the ODE init's trajectories: "network", the flow-matching teacher above, or "exact",
+    # the exact flow of a bank of world clips (toy.exact_video; block features still come from the network)
+    teacher: str = "network"
+    exact_bank: int = BANK_CLIPS  # world clips in the exact teacher's bank (teacher "exact" only)
     ode_pairs: int = 64
     ode_iters: int = 300
     ode_grid_steps: int = 16  # the teacher's DDIM grid for the ODE pairs
@@ -88,6 +95,10 @@ class SmallVideoConfig:
             raise ValueError(f"unknown video method {self.method!r}; choose one of {list(VIDEO_METHODS)}")
         if not isinstance(self.memory, MemoryPolicy):
             raise TypeError(f"memory must be a MemoryPolicy (parse strings once, at the CLI), got {self.memory!r}")
+        if self.teacher not in TEACHERS:
+            raise ValueError(f"unknown teacher {self.teacher!r}; choose one of {list(TEACHERS)}")
+        if self.exact_bank < self.world_config().n_classes:
+            raise ValueError(f"exact_bank must hold at least one clip per class, got {self.exact_bank}")
         if not self.teacher_shift > 0:
             raise ValueError(f"teacher_shift must be positive, got {self.teacher_shift}")
         if self.memory.bounded and self.memory.window < self.chunk_frames:
@@ -98,7 +109,10 @@ class SmallVideoConfig:
         self.recipe = self.recipe.for_method(self.method)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "memory": str(self.memory)}
+        d = {**asdict(self), "memory": str(self.memory)}
+        # settings added after runs were made are written only away from their default, so that those runs'
+        # fingerprints (and resumes) stay valid
+        return {k: v for k, v in d.items() if not (k in _LATER_RUN_KEYS and v == _DEFAULTS[k])}
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "config") -> SmallVideoConfig:
@@ -144,14 +158,16 @@ class SmallVideoConfig:
     def init_key(self) -> str:
         keys = ("chunk_frames", "ode_pairs", "ode_iters", "ode_grid_steps", "ode_record_steps")
         r = self.recipe
-        blob = json.dumps(
-            {**{k: asdict(self)[k] for k in keys}, "cfg_scale": r.cfg_scale, "shift": r.shift}, sort_keys=True
-        )
+        key = {**{k: asdict(self)[k] for k in keys}, "cfg_scale": r.cfg_scale, "shift": r.shift}
+        key.update({k: getattr(self, k) for k in _LATER_RUN_KEYS if getattr(self, k) != _DEFAULTS[k]})
+        blob = json.dumps(key, sort_keys=True)
         return self.teacher_key() + "-" + hashlib.sha1(blob.encode()).hexdigest()[:10]
 
 
 _DEFAULTS = {f.name: f.default for f in fields(SmallVideoConfig)}
 _LATER_TEACHER_KEYS = ("teacher_shift",)
+_LATER_RUN_KEYS = ("teacher", "exact_bank")
+TEACHERS = ("network", "exact")
 
 
 def model_config(cfg: SmallVideoConfig, *, causal: bool) -> WanConfig:
@@ -236,8 +252,19 @@ def _say(progress: bool, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
+def real_teacher(cfg: SmallVideoConfig, network: WanModel) -> torch.nn.Module:
+    """The real score of ``cfg.teacher``: the trained ``network`` itself, or the exact flow of a bank of world
+    clips (:class:`toy.exact_video.ExactWorldTeacher`, whose block features are the network's)."""
+    if cfg.teacher == "network":
+        return network
+    world = cfg.world_config()
+    prompts = ClassPrompts(world, network.config.text_len, network.config.text_dim)
+    return ExactWorldTeacher(world, network, prompts, bank_clips=cfg.exact_bank)
+
+
 def get_student_init(cfg: SmallVideoConfig, teacher: WanModel, cache_dir: Path, *, progress: bool = True) -> WanModel:
-    """The causal student after ODE regression on the teacher's CFG trajectories (cached)."""
+    """The causal student after ODE regression on the CFG trajectories of ``cfg.teacher`` (cached); its start is
+    the network ``teacher``'s weights under the causal mask."""
     mcfg = model_config(cfg, causal=True)
     run_dir = cache_dir / f"init-{cfg.init_key()}"
     done = run_dir / "checkpoint.safetensors"
@@ -248,7 +275,7 @@ def get_student_init(cfg: SmallVideoConfig, teacher: WanModel, cache_dir: Path, 
         labels = torch.arange(cfg.ode_pairs) % world.n_classes
         noise = torch.randn(cfg.ode_pairs, mcfg.in_dim, cfg.frames, cfg.size, cfg.size, generator=g)
         pairs = teacher_trajectories(
-            teacher,
+            real_teacher(cfg, teacher),
             noise,
             prompts.embed(labels),
             prompts.null(cfg.ode_pairs),
@@ -279,7 +306,7 @@ def get_student_init(cfg: SmallVideoConfig, teacher: WanModel, cache_dir: Path, 
 
 
 def build_task(cfg: SmallVideoConfig, teacher: WanModel, init: WanModel) -> VideoDistillTask:
-    """Student from the ODE init, critic and teacher from the flow-matching teacher."""
+    """Student from the ODE init, critic from the flow-matching teacher, real score ``cfg.teacher``'s."""
     world = cfg.world_config()
     mcfg = model_config(cfg, causal=True)
     task_cfg = VideoTaskConfig(
@@ -292,7 +319,8 @@ def build_task(cfg: SmallVideoConfig, teacher: WanModel, init: WanModel) -> Vide
     )
     critic = copy.deepcopy(teacher).requires_grad_(True)
     prompts = ClassPrompts(world, mcfg.text_len, mcfg.text_dim)
-    return VideoDistillTask(task_cfg, copy.deepcopy(init).requires_grad_(True), critic, teacher, prompts)
+    real = real_teacher(cfg, teacher)
+    return VideoDistillTask(task_cfg, copy.deepcopy(init).requires_grad_(True), critic, real, prompts)
 
 
 def distill_loop(
