@@ -25,11 +25,16 @@ Shapes: ``x [B, C, F, S, S]``, ``t [B]`` (network timesteps, ``t = 1000 sigma``)
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor, nn
 
 from salt_ref.schedule import flow_from_x0, t_to_sigma
 from toy import video_world as vw
+
+if TYPE_CHECKING:  # setup_video imports this module
+    from toy.setup_video import ClassPrompts
 
 __all__ = ["BANK_CLIPS", "BANK_SEED", "ExactWorldTeacher"]
 
@@ -52,7 +57,7 @@ class ExactWorldTeacher(nn.Module):
         self,
         world: vw.VideoWorldConfig,
         network: nn.Module,
-        prompts,
+        prompts: ClassPrompts,
         *,
         bank_clips: int = BANK_CLIPS,
         seed: int = BANK_SEED,
