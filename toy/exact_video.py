@@ -13,12 +13,12 @@ the softmax over the whole bank. This is ``toy.gmm``'s exact flow with zero-widt
 matrix product per class because here ``K D`` is ~10^8 (``gmm`` broadcasts ``[B, K, D]`` for its 2D targets).
 
 What it is and is not: at the noise levels where a clip is mostly noise (sigma >= 0.9 on this world) the bank's
-posterior is already the world's (``scripts/teacher_level_loss.py --exact`` shows the loss settle as the bank grows);
-at low sigma it is a nearest-neighbour rule, and DDIM from noise ends on bank clips. So its samples *are* world
-clips -- speed, radius and bounces are the world's by construction -- and it stands where a perfectly trained
-teacher of a finite training set would. It has no hidden states of its own: Salt's feature alignment, which reads
-a frozen network's block features, reads them from the trained network teacher passed in (``features``), as the
-critic starts from that network's weights.
+posterior is already the world's (``scripts/teacher_level_loss.py teacher=exact teacher=exact,exact_bank=80000``
+prints the same loss for both banks there); at low sigma it is a nearest-neighbour rule, and DDIM from noise ends
+on bank clips. So its samples *are* world clips (speed, radius and bounces are the world's by construction), as
+a perfectly trained teacher of a finite training set would make. It has no hidden states of its own: Salt's
+feature alignment, which reads a frozen network's block features, reads them from the trained network teacher
+passed in (``features``), as the critic starts from that network's weights.
 
 Shapes: ``x [B, C, F, S, S]``, ``t [B]`` (network timesteps, ``t = 1000 sigma``), ``context [B, L, D_text]``.
 """
