@@ -303,7 +303,7 @@ def _small_memory(spec: str):
 
 def _small_arguments(p: argparse.ArgumentParser) -> None:
     from salt_ref.video_task import VIDEO_METHODS
-    from toy.setup_video import TEACHERS, SmallVideoConfig
+    from toy.setup_video import SmallVideoConfig, add_teacher_argument
 
     p.add_argument(
         "--method",
@@ -333,13 +333,7 @@ def _small_arguments(p: argparse.ArgumentParser) -> None:
         default=SmallVideoConfig.teacher_iters,
         help="flow-matching steps of the teacher (trained once, cached under --cache)",
     )
-    p.add_argument(
-        "--teacher",
-        choices=list(TEACHERS),
-        default=SmallVideoConfig.teacher,
-        help="the real score and the ODE init's trajectories: the trained network, or the exact flow of a bank "
-        "of world clips (toy.exact_video; Salt's alignment still reads the network's features)",
-    )
+    add_teacher_argument(p)
     p.add_argument(
         "--ode-iters",
         type=non_negative_int,

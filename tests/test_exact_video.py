@@ -105,3 +105,20 @@ def test_bench_video_teacher_flag_reaches_every_run_and_only_when_given():
     assert "teacher" not in default  # the preset's network teacher: its runs and caches keep their keys
     exact = SmallVideoConfig(**overrides_of(build_parser().parse_args(["--teacher", "exact"])))
     assert exact.teacher == "exact" and exact.init_key() != SmallVideoConfig(**default).init_key()
+
+
+def test_train_cli_teacher_flag_reaches_the_small_config(tmp_path, monkeypatch):
+    import toy.run_video
+    from salt_ref.train import main
+
+    seen = []
+
+    def spy(cfg, *args, **kwargs):
+        seen.append(cfg)
+        raise RuntimeError("stop before training")
+
+    monkeypatch.setattr(toy.run_video, "run", spy)
+    for flags, want in (([], "network"), (["--teacher", "exact"], "exact")):
+        with pytest.raises(RuntimeError, match="stop before training"):
+            main(["--scale", "small", "--out", str(tmp_path / want), "--no-progress", *flags])
+        assert seen[-1].teacher == want

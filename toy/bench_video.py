@@ -283,7 +283,7 @@ def plot_drift(results: dict[str, list[dict]], out_png: Path, trained: int) -> N
 
 def build_parser() -> argparse.ArgumentParser:
     from salt_ref.recipe import PRESETS
-    from toy.setup_video import TEACHERS, SmallVideoConfig
+    from toy.setup_video import add_teacher_argument
 
     summary = " ".join(__doc__.split("\n\n")[0].split())  # the docstring's first paragraph, not its first line
     p = argparse.ArgumentParser(prog="python -m toy.bench_video", description=summary)
@@ -314,13 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="flow-matching steps of the shared teacher (trained once, cached under its own key; default: the "
         "small setup's, or the tiny one's with --tiny)",
     )
-    p.add_argument(
-        "--teacher",
-        choices=list(TEACHERS),
-        default=SmallVideoConfig.teacher,
-        help="the real score and the ODE init's trajectories: the trained network, or the exact flow of a bank of "
-        "world clips (toy.exact_video; Salt's alignment and the critic's start stay the network's)",
-    )
+    add_teacher_argument(p)
     return p
 
 

@@ -16,6 +16,7 @@ Every schedule here (ODE-init grids, distillation, evaluation, the cache-gap exp
 
 from __future__ import annotations
 
+import argparse
 import copy
 import hashlib
 import json
@@ -42,6 +43,7 @@ __all__ = [
     "get_teacher",
     "real_teacher",
     "TEACHERS",
+    "add_teacher_argument",
     "get_student_init",
     "build_task",
     "distill_loop",
@@ -168,6 +170,17 @@ _DEFAULTS = {f.name: f.default for f in fields(SmallVideoConfig)}
 _LATER_TEACHER_KEYS = ("teacher_shift",)
 _LATER_RUN_KEYS = ("teacher", "exact_bank")
 TEACHERS = ("network", "exact")
+
+
+def add_teacher_argument(parser: argparse.ArgumentParser) -> None:
+    """``--teacher network|exact`` on a command line that builds a :class:`SmallVideoConfig` (its ``teacher``)."""
+    parser.add_argument(
+        "--teacher",
+        choices=list(TEACHERS),
+        default=SmallVideoConfig.teacher,
+        help="the real score and the ODE init's trajectories: the trained network, or the exact flow of a bank of "
+        "world clips (toy.exact_video; Salt's alignment and the critic's start stay the network's)",
+    )
 
 
 def model_config(cfg: SmallVideoConfig, *, causal: bool) -> WanConfig:
