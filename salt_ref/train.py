@@ -335,6 +335,12 @@ def _small_arguments(p: argparse.ArgumentParser) -> None:
     )
     add_teacher_argument(p)
     p.add_argument(
+        "--batch",
+        type=positive_int,
+        default=SmallVideoConfig.batch,
+        help="clips per generator and per critic update of the distillation",
+    )
+    p.add_argument(
         "--ode-iters",
         type=non_negative_int,
         default=SmallVideoConfig.ode_iters,
@@ -389,6 +395,7 @@ def _run_small(args: argparse.Namespace) -> int:
             rope=args.rope,
             teacher_iters=args.teacher_iters,
             teacher=args.teacher,
+            batch=args.batch,
             ode_iters=args.ode_iters,
             recipe=PRESETS["small"].replace(align_start=args.align_start, cfg_scale=args.cfg_scale, shift=args.shift),
             seed=args.seed,

@@ -107,7 +107,7 @@ def test_bench_video_teacher_flag_reaches_every_run_and_only_when_given():
     assert exact.teacher == "exact" and exact.init_key() != SmallVideoConfig(**default).init_key()
 
 
-def test_train_cli_teacher_flag_reaches_the_small_config(tmp_path, monkeypatch):
+def test_train_cli_teacher_and_batch_flags_reach_the_small_config(tmp_path, monkeypatch):
     import toy.run_video
     from salt_ref.train import main
 
@@ -118,7 +118,21 @@ def test_train_cli_teacher_flag_reaches_the_small_config(tmp_path, monkeypatch):
         raise RuntimeError("stop before training")
 
     monkeypatch.setattr(toy.run_video, "run", spy)
-    for flags, want in (([], "network"), (["--teacher", "exact"], "exact")):
+    for flags, want, batch in (([], "network", 4), (["--teacher", "exact", "--batch", "8"], "exact", 8)):
         with pytest.raises(RuntimeError, match="stop before training"):
             main(["--scale", "small", "--out", str(tmp_path / want), "--no-progress", *flags])
-        assert seen[-1].teacher == want
+        assert (seen[-1].teacher, seen[-1].batch) == (want, batch)
+
+
+def test_small_batch_reaches_the_task_and_only_the_runs_key():
+    from salt_ref.train import main
+
+    cfg = SmallVideoConfig(**TINY, batch=8)
+    assert cfg.to_dict()["batch"] == 8 and "batch" not in SmallVideoConfig(**TINY).to_dict()
+    assert cfg.init_key() == SmallVideoConfig(**TINY).init_key()  # the ODE init does not depend on it
+    torch.manual_seed(0)
+    task = build_task(cfg, WanModel(model_config(cfg, causal=False)), WanModel(model_config(cfg, causal=True)))
+    assert task.cfg.batch == 8
+    with pytest.raises(ValueError, match="batch must be >= 1"):
+        SmallVideoConfig(batch=0)
+    assert main(["--scale", "small", "--batch", "0"]) == 2

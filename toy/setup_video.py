@@ -83,6 +83,7 @@ class SmallVideoConfig:
     # the exact flow of a bank of world clips (toy.exact_video; block features still come from the network)
     teacher: str = "network"
     exact_bank: int = BANK_CLIPS  # world clips in the exact teacher's bank (teacher "exact" only)
+    batch: int = 4  # clips per generator and per critic update of the distillation
     ode_pairs: int = 64
     ode_iters: int = 300
     ode_grid_steps: int = 16  # the teacher's DDIM grid for the ODE pairs
@@ -99,6 +100,8 @@ class SmallVideoConfig:
             raise TypeError(f"memory must be a MemoryPolicy (parse strings once, at the CLI), got {self.memory!r}")
         if self.teacher not in TEACHERS:
             raise ValueError(f"unknown teacher {self.teacher!r}; choose one of {list(TEACHERS)}")
+        if self.batch < 1:
+            raise ValueError(f"batch must be >= 1, got {self.batch}")
         if self.exact_bank < self.world_config().n_classes:
             raise ValueError(f"exact_bank must hold at least one clip per class, got {self.exact_bank}")
         if not self.teacher_shift > 0:
@@ -161,14 +164,15 @@ class SmallVideoConfig:
         keys = ("chunk_frames", "ode_pairs", "ode_iters", "ode_grid_steps", "ode_record_steps")
         r = self.recipe
         key = {**{k: asdict(self)[k] for k in keys}, "cfg_scale": r.cfg_scale, "shift": r.shift}
-        key.update({k: getattr(self, k) for k in _LATER_RUN_KEYS if getattr(self, k) != _DEFAULTS[k]})
+        key.update({k: getattr(self, k) for k in _LATER_INIT_KEYS if getattr(self, k) != _DEFAULTS[k]})
         blob = json.dumps(key, sort_keys=True)
         return self.teacher_key() + "-" + hashlib.sha1(blob.encode()).hexdigest()[:10]
 
 
 _DEFAULTS = {f.name: f.default for f in fields(SmallVideoConfig)}
 _LATER_TEACHER_KEYS = ("teacher_shift",)
-_LATER_RUN_KEYS = ("teacher", "exact_bank")
+_LATER_INIT_KEYS = ("teacher", "exact_bank")  # they change the ODE init
+_LATER_RUN_KEYS = (*_LATER_INIT_KEYS, "batch")
 TEACHERS = ("network", "exact")
 
 
@@ -327,7 +331,7 @@ def build_task(cfg: SmallVideoConfig, teacher: WanModel, init: WanModel) -> Vide
         latent=(mcfg.in_dim, cfg.frames, cfg.size, cfg.size),
         memory=cfg.memory,
         rope=cfg.rope,
-        batch=4,
+        batch=cfg.batch,
         recipe=cfg.recipe,
     )
     critic = copy.deepcopy(teacher).requires_grad_(True)
