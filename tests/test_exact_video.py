@@ -136,3 +136,22 @@ def test_small_batch_reaches_the_task_and_only_the_runs_key():
     with pytest.raises(ValueError, match="batch must be >= 1"):
         SmallVideoConfig(batch=0)
     assert main(["--scale", "small", "--batch", "0"]) == 2
+
+
+def test_sweep_video_teacher_flag_reaches_every_cell():
+    from toy.sweep_video import cell_config
+
+    base, _ = cell_config("base", None, 0, tiny=True)
+    cfg, _ = cell_config("chunk_frames", 8, 0, tiny=True, teacher="exact")
+    assert (base.teacher, cfg.teacher, cfg.chunk_frames) == ("network", "exact", 8)
+
+
+def test_sweep_video_runs_its_cells_under_the_exact_teacher(tmp_path, monkeypatch):
+    import json
+
+    from toy.sweep_video import main
+
+    monkeypatch.chdir(tmp_path)  # the tiny teacher and inits go to tmp_path/runs/cache
+    assert main(["--tiny", "--knobs", "iters", "--workers", "1", "--out", "sv", "--teacher", "exact"]) == 0
+    assert json.loads((tmp_path / "sv" / "base-s0" / "config.json").read_text())["teacher"] == "exact"
+    assert "self-forcing, exact teacher" in (tmp_path / "sv" / "sweep.md").read_text()

@@ -1,7 +1,7 @@
 """What makes the video students slow and alike: a one-knob-at-a-time sweep of the small distillation.
 
     python -m toy.sweep_video [--method self-forcing] [--seeds 0] [--knobs shift cfg_scale ...]
-                              [--out runs/sweep_video] [--workers 2] [--tiny]
+                              [--out runs/sweep_video] [--workers 2] [--tiny] [--teacher network|exact]
 
 From the fixed base :data:`BASE` (the small preset's recipe and loop, written out here so that re-running the
 sweep reproduces its table), each knob of :data:`KNOBS` is moved to each of its other values with the rest held;
@@ -87,15 +87,19 @@ def settings(knobs: list[str] | None = None) -> list[tuple[str, Any]]:
     return out
 
 
-def cell_config(knob: str, value: Any, seed: int, tiny: bool) -> tuple[SmallVideoConfig, LoopConfig]:
-    """The run of ``BASE`` with ``knob`` at ``value``: ``(SmallVideoConfig, LoopConfig)``."""
+def cell_config(
+    knob: str, value: Any, seed: int, tiny: bool, teacher: str = "network"
+) -> tuple[SmallVideoConfig, LoopConfig]:
+    """The run of ``BASE`` with ``knob`` at ``value`` under ``teacher``: ``(SmallVideoConfig, LoopConfig)``."""
     from salt_ref.recipe import PRESETS
     from toy.setup_video import SmallVideoConfig, distill_loop
 
     s = dict(BASE) if knob == "base" else {**BASE, knob: value}
     recipe = PRESETS["small"].replace(**{k: s[k] for k, (where, _) in KNOBS.items() if where == "recipe"})
     extra = dict(TINY, recipe=recipe.replace(align_block=1)) if tiny else {"recipe": recipe}
-    cfg = SmallVideoConfig(method="self-forcing", seed=seed, chunk_frames=s["chunk_frames"], patch=s["patch"], **extra)
+    cfg = SmallVideoConfig(
+        method="self-forcing", seed=seed, chunk_frames=s["chunk_frames"], patch=s["patch"], teacher=teacher, **extra
+    )
     iters = round(s["iters"] / 50) if tiny else s["iters"]  # tiny: every budget / 50 (150 -> 3)
     loop = distill_loop(iters, seed, lr_gen=s["lr_gen"], lr_critic=s["lr_critic"], critic_ratio=s["critic_ratio"])
     return cfg, replace(loop, betas=(s["beta1"], loop.betas[1]))
@@ -105,15 +109,15 @@ def _name(knob: str, value: Any, seed: int) -> str:
     return f"{knob}-s{seed}" if knob == "base" else f"{knob}={value}-s{seed}"
 
 
-def _one(job: tuple[str, Any, int, str, bool]) -> dict[str, Any]:
+def _one(job: tuple[str, Any, int, str, bool, str]) -> dict[str, Any]:
     import torch
 
     from salt_ref.checkpoint import read_header
     from toy.run_video import run
 
-    knob, value, seed, out, tiny = job
+    knob, value, seed, out, tiny, teacher = job
     torch.set_num_threads(1)
-    cfg, loop = cell_config(knob, value, seed, tiny)
+    cfg, loop = cell_config(knob, value, seed, tiny, teacher)
     run_dir = Path(out) / _name(knob, value, seed)
     done, ckpt = run_dir / "final_metrics.json", run_dir / "checkpoint.safetensors"
     if done.exists():  # read back: a finished cell is not trained or evaluated again
@@ -148,6 +152,8 @@ def _cell(values: list[float], fmt: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from toy.setup_video import add_teacher_argument
+
     p = argparse.ArgumentParser(
         prog="python -m toy.sweep_video",
         description="One-knob-at-a-time sweep of the small video distillation (self-forcing): the students' "
@@ -159,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/sweep_video", help="output folder (cells are resumed from it)")
     p.add_argument("--workers", type=int, default=2, help="cells trained at a time")
     p.add_argument("--tiny", action="store_true", help="smoke-test sizes and budgets (seconds, not results)")
+    add_teacher_argument(p)
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -173,11 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, args.workers))
     inits = {}
     for knob, value in grid:
-        cfg, _ = cell_config(knob, value, args.seeds[0], args.tiny)
+        cfg, _ = cell_config(knob, value, args.seeds[0], args.tiny, args.teacher)
         inits.setdefault(cfg.init_key(), cfg)
     for cfg in inits.values():
         get_student_init(cfg, get_teacher(cfg, CACHE_DIR, progress=False), CACHE_DIR, progress=False)
-    jobs = [(k, v, s, str(out), args.tiny) for k, v in grid for s in args.seeds]
+    jobs = [(k, v, s, str(out), args.tiny, args.teacher) for k, v in grid for s in args.seeds]
     # spawn, not fork: the parent's OpenMP pool (it trained above) must not be inherited by the workers
     with ProcessPoolExecutor(max_workers=max(1, args.workers), mp_context=get_context("spawn")) as pool:
         finals = list(tqdm(pool.map(_one, jobs), total=len(jobs), desc="sweep_video cells", unit="run"))
@@ -189,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     from toy import video_world as vw
     from toy.run_video import reference_clips
 
-    base_cfg, _ = cell_config("base", None, args.seeds[0], args.tiny)
+    base_cfg, _ = cell_config("base", None, args.seeds[0], args.tiny, args.teacher)
     wcfg = base_cfg.world_config()
     labels = torch.arange(wcfg.n_classes).repeat_interleave(4)
     clips = reference_clips(base_cfg, labels, base_cfg.frames)
@@ -204,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     cmd = "python -m toy.sweep_video " + " ".join(argv if argv is not None else sys.argv[1:])
     how = {h: sum(f["how"] == h for f in finals) for h in ("trained", "evaluated", "read back")}
     lines = [
-        f"`{cmd.strip()}` — self-forcing, seeds {args.seeds}: {len(finals)} runs ("
+        f"`{cmd.strip()}` — self-forcing, {args.teacher} teacher, seeds {args.seeds}: {len(finals)} runs ("
         + ", ".join(f"{n} {h}" for h, n in how.items())
         + f" by this invocation; evaluated: from a finished checkpoint), {minutes:.1f} min wall; 1x, 4-step "
         "sampling, full cache",
