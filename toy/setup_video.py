@@ -4,6 +4,8 @@ Pipeline (each stage through the shared loop, each cached on disk and reused whe
 
     teacher  bidirectional tiny WanModel, flow matching on world clips with CFG dropout     (salt_ref.pretrain)
     init     causal tiny WanModel regressed on the teacher's CFG ODE trajectories (ODE init)
+             (``teacher="exact"``: the trajectories, and DMD's real score, of toy.exact_video's exact flow of a bank
+             of world clips; the critic's start and Salt's block features stay the network's)
     distil   self-forcing | sc-dmd | salt over chunk-wise rollouts through the KV cache  (salt_ref.video_task)
 
 A whole run (train, evaluate, write its files) and its evaluation are ``toy.run_video``.
@@ -115,9 +117,8 @@ class SmallVideoConfig:
 
     def to_dict(self) -> dict:
         d = {**asdict(self), "memory": str(self.memory)}
-        # settings added after runs were made are written only away from their default, so that those runs'
-        # fingerprints (and resumes) stay valid
-        return {k: v for k, v in d.items() if not (k in _LATER_RUN_KEYS and v == _DEFAULTS[k])}
+        changed = self._changed(_LATER_RUN_KEYS)  # so that older runs' fingerprints (and resumes) stay valid
+        return {k: v for k, v in d.items() if k not in _LATER_RUN_KEYS or k in changed}
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "config") -> SmallVideoConfig:
@@ -138,6 +139,11 @@ class SmallVideoConfig:
         except (TypeError, ValueError) as e:
             raise ValueError(f"{source}: {e}") from None
 
+    def _changed(self, keys: tuple[str, ...]) -> dict:
+        """The settings of ``keys`` that differ from their defaults (settings added after runs and caches were
+        made enter keys and fingerprints only then, so those runs and caches keep their names)."""
+        return {k: getattr(self, k) for k in keys if getattr(self, k) != _DEFAULTS[k]}
+
     def world_config(self) -> vw.VideoWorldConfig:
         return vw.VideoWorldConfig(frames=self.frames, size=self.size, **self.world)
 
@@ -157,14 +163,14 @@ class SmallVideoConfig:
         key = {k: asdict(self)[k] for k in keys}
         # settings added after teachers were cached enter the key only away from their default, so those caches
         # keep their names
-        key.update({k: getattr(self, k) for k in _LATER_TEACHER_KEYS if getattr(self, k) != _DEFAULTS[k]})
+        key.update(self._changed(_LATER_TEACHER_KEYS))
         return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
 
     def init_key(self) -> str:
         keys = ("chunk_frames", "ode_pairs", "ode_iters", "ode_grid_steps", "ode_record_steps")
         r = self.recipe
         key = {**{k: asdict(self)[k] for k in keys}, "cfg_scale": r.cfg_scale, "shift": r.shift}
-        key.update({k: getattr(self, k) for k in _LATER_INIT_KEYS if getattr(self, k) != _DEFAULTS[k]})
+        key.update(self._changed(_LATER_INIT_KEYS))
         blob = json.dumps(key, sort_keys=True)
         return self.teacher_key() + "-" + hashlib.sha1(blob.encode()).hexdigest()[:10]
 
